@@ -69,7 +69,7 @@ def test_bad_choices_are_named(item, message):
     (["model.n_heads=4"], "model.n_heads=4 x model.head_dim=64 = 256 but model.d_model=128: set model.head_dim=32"),
     (["model.d_model=100"], "model.n_heads=1 x model.head_dim=64 = 64 but model.d_model=100"),
     (["model.patch_size=5"], "model.patch_size=5 does not divide model.image_size=32"),
-    (["model.window_size=3"], "model.window_size=3 does not tile the 4x4 patch grid"),
+    (["model.window_size=5"], "model.window_size=5 is larger than the 4x4 patch grid"),
     (["model.top_k=17"], "model.top_k=17 exceeds model.n_experts=16"),
     (["model.n_dense_layers=3"], "model.n_dense_layers=3 exceeds model.n_layers=2"),
     (["model.hop_length=800"], "model.hop_length=800 exceeds model.n_fft=400"),
@@ -118,8 +118,8 @@ def test_unknown_preset_lists_the_known_ones():
 def test_direct_construction_and_mutation_are_checked():
     with pytest.raises(ConfigError, match="model.depth: expected int, got bool True"):
         ModelConfig(depth=True)
-    with pytest.raises(ConfigError, match=r"model\.window_size=3"):
-        dataclasses.replace(ModelConfig(), window_size=3)
+    with pytest.raises(ConfigError, match=r"model\.window_size=5"):
+        dataclasses.replace(ModelConfig(), window_size=5)
     cfg = get_preset("tiny")
     cfg.model.n_heads = 3
     with pytest.raises(ConfigError, match="model.n_heads=3 does not divide"):
