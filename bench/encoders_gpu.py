@@ -112,7 +112,13 @@ def main():
     cases = [("transformer_block", *block_case(m, args.batch)), ("text", *text_case(m, args.batch)),
              ("vision", *vision_case(m, args.batch)), ("audio", *audio_case(m, args.batch)),
              ("vision_640px_base", *vision_case(article, 4))]
-    rows = [measure(name, module, inputs) for name, module, inputs in cases]
+    rows = []
+    for name, module, inputs in cases:
+        try:
+            rows.append(measure(name, module, inputs))
+        except Exception as error:  # one failing module must not hide the others' numbers
+            rows.append(dict(module=name, error=f"{type(error).__name__}: {str(error)[:400]}"))
+            print(json.dumps(rows[-1]))
     result = dict(benchmark="encoders_gpu", preset=args.preset, batch=args.batch, device=torch.cuda.get_device_name(),
                   torch=torch.__version__, autocast="bf16", rows=rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
