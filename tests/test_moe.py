@@ -113,3 +113,25 @@ def test_expert_dropout_only_in_training():
     assert not torch.allclose(experts.one(x, 1), experts.one(x, 1))
     experts.eval()
     torch.testing.assert_close(experts.one(x, 1), experts.one(x, 1))
+
+
+def test_capacity_drops_are_counted_and_only_beyond_capacity():
+    from r1_scratch.moe import apply_capacity
+    torch.manual_seed(0)
+    router = Router(16, 4, 2)
+    with torch.no_grad():
+        router.bias[0] = 5.0  # everyone wants expert 0
+    r = router(torch.randn(40, 16))
+    capped, dropped = apply_capacity(r, 4, factor=1.0)  # capacity 20 per expert
+    per_expert_kept = [int(((capped.experts == e) & (capped.gates > 0)).sum()) for e in range(4)]
+    assert max(per_expert_kept) <= 20 and dropped.item() == 40 - 20  # expert 0 had all 40 tokens
+    assert apply_capacity(r, 4, None)[1].item() == 0
+
+
+def test_load_by_modality_and_entropy():
+    from r1_scratch.moe import imbalance, load_by_modality, router_entropy
+    r = Routing(torch.tensor([[0, 1], [2, 3], [0, 2]]), torch.full((3, 2), 0.5), torch.zeros(3, 4), torch.full((3, 4), 0.25))
+    load = load_by_modality(r, torch.tensor([0, 1, 1]), 2, 4)
+    assert load.tolist() == [[1, 1, 0, 0], [1, 0, 2, 1]]
+    assert router_entropy(r).item() == pytest.approx(torch.log(torch.tensor(4.0)).item())
+    assert imbalance(r, 4).item() == pytest.approx(2 / 1.5)
