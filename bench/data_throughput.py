@@ -15,17 +15,14 @@ from pathlib import Path
 
 import torch
 
-from r1_scratch.config import get_preset
+from r1_scratch.config import get_preset, with_data_root
 from r1_scratch.data import build_loader
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def config():
-    cfg = get_preset("tiny")
-    for name in ("train", "val", "tokenizer"):
-        setattr(cfg.data, name, str(REPO / getattr(cfg.data, name)))
-    return cfg
+    return with_data_root(get_preset("tiny"), REPO)
 
 
 def records_per_second(cfg, workers, batches):

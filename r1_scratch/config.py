@@ -24,8 +24,8 @@ from fastcore.script import Param, call_parse
 # %% auto #0
 __all__ = ['PRESETS', 'ConfigError', 'check_fields', 'round_up', 'derived_sizes', 'ModelConfig', 'check_model', 'DataConfig',
            'check_mixture', 'check_data', 'TrainConfig', 'check_train', 'StageConfig', 'check_stage', 'default_stages',
-           'Config', 'validate', 'config_from_dict', 'config_to_dict', 'get_preset', 'YamlLoader', 'read_yaml',
-           'parse_override', 'apply_overrides', 'save_config', 'load_config', 'main']
+           'Config', 'validate', 'config_from_dict', 'config_to_dict', 'get_preset', 'with_data_root', 'YamlLoader',
+           'read_yaml', 'parse_override', 'apply_overrides', 'save_config', 'load_config', 'main']
 
 # %% ../nbs/00_config.ipynb #233c2e6d
 class ConfigError(ValueError):
@@ -182,7 +182,6 @@ def check_model(m: ModelConfig) -> ModelConfig:
 @dataclass
 class DataConfig:
     "Where the shards are and how batches are made (see 01_data)."
-    root: str = "data_samples"
     train: str = "data_samples/train/{task}-{000000..000003}.tar"
     val: str = "data_samples/val/{task}-{000000..000001}.tar"
     tokenizer: str = "data_samples/tokenizer.json"
@@ -382,6 +381,15 @@ def config_to_dict(cfg: Config) -> dict:
 def get_preset(name: str) -> Config:
     "A fresh, validated Config for preset `name`."
     return config_from_dict({}, preset=name)
+
+# %% ../nbs/00_config.ipynb #6fc241b5
+def with_data_root(cfg: Config, root: str | os.PathLike) -> Config:
+    "Make the relative data paths (train, val, tokenizer) relative to `root`; absolute paths and URLs stay."
+    for name in ("train", "val", "tokenizer"):
+        path = getattr(cfg.data, name)
+        if "://" not in path and not path.startswith("pipe:") and not os.path.isabs(path):
+            setattr(cfg.data, name, str(Path(root) / path))
+    return cfg
 
 # %% ../nbs/00_config.ipynb #f5cb9957
 class YamlLoader(yaml.SafeLoader):

@@ -13,7 +13,7 @@ import soundfile as sf
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from r1_scratch.config import get_preset
+from r1_scratch.config import get_preset, with_data_root
 from r1_scratch.data import (DecodeSpec, Loader, StreamSpec, TextTokenizer, build_loader, chat_ids, decode_audio,
                              source_shards)
 
@@ -24,9 +24,7 @@ SFT = {"instruct": 0.6, "reasoning": 0.2, "vqa": 0.15, "audio_qa": 0.05}
 
 def repo_config(**data):
     "The tiny preset with its data paths pointing into this checkout."
-    cfg = get_preset("tiny")
-    for name in ("train", "val", "tokenizer"):
-        setattr(cfg.data, name, str(REPO / getattr(cfg.data, name)))
+    cfg = with_data_root(get_preset("tiny"), REPO)
     for k, v in data.items():
         setattr(cfg.data, k, v)
     return cfg
