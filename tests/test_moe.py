@@ -135,3 +135,129 @@ def test_load_by_modality_and_entropy():
     assert load.tolist() == [[1, 1, 0, 0], [1, 0, 2, 1]]
     assert router_entropy(r).item() == pytest.approx(torch.log(torch.tensor(4.0)).item())
     assert imbalance(r, 4).item() == pytest.approx(2 / 1.5)
+
+
+# --- families, counting sort, group-limited routing, step statistics (issue 4, part 2) ---
+import os
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from r1_scratch.moe import (ExpertFamilies, ExpertFamily, article_families, counting_sort, moe_end_step,
+                            permute_rows)
+
+
+@pytest.mark.parametrize("n, n_values", [(1, 3), (50, 4), (300, 16), (64, 1)])
+def test_counting_sort_is_the_stable_argsort(n, n_values):
+    ids = torch.randint(0, n_values, (n,), generator=torch.Generator().manual_seed(n))
+    order, inverse, counts = counting_sort(ids, n_values)
+    assert torch.equal(order, ids.argsort(stable=True))
+    assert torch.equal(order[inverse], torch.arange(n)) and torch.equal(counts, torch.bincount(ids, minlength=n_values))
+
+
+def test_permute_rows_backward_is_the_inverse_permutation():
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(6))
+    torch.autograd.gradcheck(lambda t: permute_rows(t, perm, inverse), (x,))
+
+
+@pytest.mark.parametrize("path", ["gather", "grouped"])
+def test_article_families_equal_reference_in_outputs_and_gradients(path):
+    torch.manual_seed(3)
+    router, experts = Router(24, 16, 2), ExpertFamilies(article_families(40, multiple_of=4), 24, std=0.3)
+    assert [f.activation for f in experts.specs] == ["swiglu", "relu2", "geglu", "gelu", "reglu"]
+    x = torch.randn(90, 24)
+    ref_y, ref_g = outputs_and_grads("reference", x, router, experts)
+    y, g = outputs_and_grads(path, x, router, experts)
+    torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
+    assert len(g) == len(ref_g) == 12  # input, router weight, w_in and w_out of five families
+    for a, b in zip(g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_families_must_add_up_and_set_the_complexity_prior():
+    with pytest.raises(ValueError, match="hold 8 experts, not n_experts=16"):
+        MoELayer(16, 32, 16, 2, families=[ExpertFamily("a", 8, "swiglu", 32)])
+    with pytest.raises(ValueError, match="activation must be one of"):
+        Experts(2, 8, 8, activation="tanh")
+    layer = MoELayer(16, 32, 16, 2, families=article_families(32, 8))
+    assert layer.router.complexity[:4].tolist() == [1.0] * 4 and layer.router.complexity[4:8].tolist() == [-1.0] * 4
+
+
+def test_group_limited_routing_keeps_tokens_within_top_groups():
+    torch.manual_seed(0)
+    x = torch.randn(300, 16)
+    limited = Router(16, 12, 3, score="sigmoid", n_groups=4, top_groups=2)
+    groups = torch.stack([(limited(x).experts // 3 == g).any(1) for g in range(4)], 1).sum(1)
+    assert groups.max() == 2
+    free = Router(16, 12, 3, score="sigmoid", n_groups=4, top_groups=4)
+    free.load_state_dict(limited.state_dict())
+    groups_free = torch.stack([(free(x).experts // 3 == g).any(1) for g in range(4)], 1).sum(1)
+    assert groups_free.max() == 3  # without the limit, some tokens do spread over three groups
+    with pytest.raises(ValueError, match="n_groups=5"):
+        Router(16, 12, 3, n_groups=5)
+
+
+def test_step_statistics_are_the_same_whole_or_in_micro_batches():
+    torch.manual_seed(0)
+    layer, x = MoELayer(16, 32, 8, 2, n_shared=1), torch.randn(1, 200, 16)
+    layer(x)
+    whole = layer.end_step(bias_rate=0.01)
+    bias = layer.router.bias.clone()
+    layer.router.bias.zero_()
+    for chunk in x.split(50, dim=1):
+        layer(chunk)
+    micro = layer.end_step(bias_rate=0.01)
+    assert torch.equal(whole["load"], micro["load"]) and whole["load"].sum() == 400
+    torch.testing.assert_close(layer.router.bias, bias)
+    assert layer.end_step() == {}  # nothing since the last step
+    layer.eval()
+    layer(x)
+    assert layer.end_step() == {}  # evaluation does not count
+
+
+def test_moe_end_step_reports_the_worst_layer_and_drops():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleList([MoELayer(16, 32, 4, 1, capacity_factor=0.5), MoELayer(16, 32, 4, 1)])
+    x = torch.randn(1, 64, 16)
+    stats = [m(x)[1] for m in model]
+    imbalances = [m.end_step()["imbalance"] for m in model]
+    for m in model:
+        m(x)
+    summary = moe_end_step(model)
+    assert summary["moe_imbalance"] == pytest.approx(max(imbalances))
+    assert summary["moe_dropped"] == int(stats[0]["dropped"]) > 0
+
+
+def _bias_worker(rank, world, port, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 8, 2)  # same weights on both ranks
+    x = torch.randn(2, 100, 16)     # each rank sees its own half
+    layer(x[rank:rank + 1])
+    stats = layer.end_step(bias_rate=0.01)
+    queue.put((rank, stats["load"].tolist(), layer.router.bias.tolist()))
+    dist.destroy_process_group()
+
+
+def test_end_step_sums_loads_over_ranks_so_every_rank_gets_the_same_bias():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_bias_worker, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r, (load, bias)) for r, load, bias in (queue.get(timeout=60) for _ in procs))
+    for p in procs:
+        p.join(timeout=30)
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 8, 2)
+    x = torch.randn(2, 100, 16)
+    layer(x.reshape(1, 200, 16))
+    expected = layer.end_step(bias_rate=0.01)
+    assert results[0] == results[1]
+    assert results[0][0] == expected["load"].tolist() and results[0][1] == pytest.approx(layer.router.bias.tolist())
