@@ -212,7 +212,7 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     assert path.read_text() == before and os.listdir(tmp_path) == ["c.yaml"]
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "base"])
+@pytest.mark.parametrize("name", ["tiny", "small", "base", "r1_22b", "r1_175b"])
 def test_committed_configs_equal_the_presets(name):
     path = REPO / "configs" / f"{name}.yaml"
     assert path.read_text().startswith(
