@@ -1,0 +1,61 @@
+"""The launch's training loop on 1, 2, 4 ... GPUs (DDP through torchrun): tokens/s and MFU for a preset.
+
+MFU = model FLOPs per second / (GPUs x 989 TFLOP/s, the H200's dense bf16 peak). Model FLOPs are counted by
+r1_scratch.model.model_flops: 6 x the active matmul parameters (routed experts at top_k / n_experts of their
+weight, embedding tables excluded, the tied LM head included) x the real tokens each part processes (decoder:
+text + image patches + audio frames; each encoder its own tokens), plus attention's 12 x layers x width x padded
+length per token. Throughput is measured over the steps after the first (warm-up) from each step's own time.
+
+    python bench/train_gpu.py [--preset small] [--gpus 1 2 4] [--steps 30] [--out bench/results/train_h200.json] [key=value ...]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+PEAK_TFLOPS = 989.0  # H200 (and H100 SXM) dense bf16
+
+
+def run(preset: str, gpus: int, steps: int, overrides: list[str], out_dir: Path) -> dict:
+    name = f"bench-{preset}-{gpus}gpu"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+           "r1_scratch/launch.py", "--preset", preset, "--name", name, "--fresh", f"train.out_dir={out_dir}",
+           f"train.max_steps={steps}", "train.ckpt_every=0", "train.eval_every=0", "train.log_every=5",
+           "train.wandb=disabled", "stages.sft.options={expert_dropout: 0.3, eval_batches: 2}", *overrides]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "R1_NO_PROGRESS": "1"})
+    if result.returncode:
+        return dict(gpus=gpus, error=result.stderr[-2000:])
+    summary = json.loads((out_dir / name / "sft" / "summary.json").read_text())
+    tflops = summary["model_tflops_per_s"]
+    return dict(gpus=gpus, steps=summary["steps"], last_loss=summary["last_loss"], val_loss=summary.get("val_loss"),
+                tokens_per_s=summary["steady_tokens_per_s"], target_tokens_per_s=summary["steady_targets_per_s"],
+                model_tflops_per_s=tflops, mfu=round(tflops / (gpus * PEAK_TFLOPS), 4),
+                tokens_per_s_per_gpu=round(summary["steady_tokens_per_s"] / gpus, 1))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="small")
+    p.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--out", default="bench/results/train_h200.json")
+    p.add_argument("--runs", default="/tmp/bench_runs")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    available = torch.cuda.device_count()
+    rows = [run(args.preset, n, args.steps, args.overrides, Path(args.runs)) for n in args.gpus if n <= available]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    result = dict(device=torch.cuda.get_device_name() if available else "cpu", gpus_available=available,
+                  torch=torch.__version__, preset=args.preset, overrides=args.overrides, peak_tflops_per_gpu=PEAK_TFLOPS,
+                  skipped_gpu_counts=[n for n in args.gpus if n > available], rows=rows)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

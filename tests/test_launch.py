@@ -1,0 +1,124 @@
+"""The launch command as a user meets it: training, resume after kill -9, torchrun with 2 CPU processes,
+evaluation of a checkpoint, and bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "R1_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+SHORT = ["train.wandb=disabled", "train.log_every=1", "stages.sft.grad_accum=1",
+         "stages.sft.options={expert_dropout: 0.3, eval_batches: 2}"]
+
+
+def launch(*args, cwd=REPO, check=True, timeout=300):
+    out = subprocess.run([sys.executable, "-m", "r1_scratch.launch", *args], capture_output=True, text=True, cwd=cwd,
+                         env=ENV, timeout=timeout)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(l) for l in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    result = launch("--name", "whole", f"train.out_dir={out}", "train.max_steps=8", "train.ckpt_every=2", *SHORT)
+    return out / "whole", result
+
+
+def test_launch_trains_and_writes_the_run(unbroken):
+    run, result = unbroken
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "report.md", "sft"]
+    steps = losses(run)
+    assert list(steps) == list(range(1, 9)) and steps[8] < steps[1]
+    summary = json.loads((run / "sft" / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["val_loss"] < 8 and summary["skipped_records"] == {}
+    assert (run / "sft" / "training.png").stat().st_size > 10_000
+    assert "| sft | 8 |" in (run / "report.md").read_text() and "| sft | 8 |" in result.stdout
+
+
+def test_kill_9_then_resume_gives_the_losses_of_an_unbroken_run(unbroken, tmp_path):
+    args = ["--name", "broken", f"train.out_dir={tmp_path}", "train.max_steps=8", "train.ckpt_every=2", *SHORT]
+    proc = subprocess.Popen([sys.executable, "-m", "r1_scratch.launch", *args], cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = tmp_path / "broken" / "sft" / "checkpoints" / "step_000004" / "meta.json"
+    deadline = time.time() + 240
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.exists() and proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "broken" / "sft" / "summary.json").exists()  # it really died mid-run
+    launch(*args)  # the same command resumes
+    whole, _ = unbroken
+    assert losses(tmp_path / "broken") == losses(whole)  # bit-exact on CPU (fp32, RNG and data position restored)
+
+
+def test_a_finished_run_is_reused_not_retrained(unbroken):
+    run, _ = unbroken
+    before = (run / "sft" / "metrics.jsonl").read_text()
+    result = launch("--name", "whole", f"train.out_dir={run.parent}", "train.max_steps=8", "train.ckpt_every=2", *SHORT)
+    assert "sft (reused)" in result.stdout and (run / "sft" / "metrics.jsonl").read_text() == before
+
+
+def test_eval_prints_metrics_per_task_as_json(unbroken):
+    run, _ = unbroken
+    result = json.loads(launch("--eval", str(run), "--batches", "2").stdout)
+    assert sorted(result["tasks"]) == ["audio_qa", "instruct", "reasoning", "vqa"] and result["step"] == 8
+    for task in result["tasks"].values():
+        assert task["targets"] > 0 and 0 <= task["accuracy"] <= 1 and task["loss"] < 9
+    one = json.loads(launch("--eval", str(run), "--batches", "1",
+                            "--shards", str(REPO / "data_samples/val/vqa-{000000..000001}.tar")).stdout)
+    assert list(one["tasks"]) == ["all"] and one["overall"]["targets"] > 0
+    missing = launch("--eval", str(run.parent / "nothing"), check=False)
+    assert missing.returncode == 2 and "no checkpoint under" in missing.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.max_step=4"], "unknown key train.max_step; did you mean train.max_steps"),
+    (["--stages", "sfd"], "unknown stage(s) ['sfd']"),
+    (["--stages", "align"], "stage(s) ['align'] are not built yet"),
+    (["model.n_heads=3"], "model.n_heads=3 does not divide model.d_model=128"),
+    (["max_steps"], "'max_steps' is not key=value"),
+])
+def test_bad_input_is_named(args, message, tmp_path):
+    result = launch(f"train.out_dir={tmp_path}", *args, check=False)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-1000:]
+    assert not any(tmp_path.iterdir())  # nothing started
+
+
+def run_ddp_script(nproc: int, tmp_path: Path) -> list[dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO / "tests" / "ddp_train.py"), str(REPO), str(tmp_path / f"w{nproc}"), "3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return sorted((json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")), key=lambda r: r["rank"])
+
+
+def test_torchrun_two_cpu_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
+    one, two = run_ddp_script(1, tmp_path), run_ddp_script(2, tmp_path)
+    assert [r["world"] for r in two] == [2, 2]
+    assert two[0]["checksum"] == two[1]["checksum"] and two[0]["norm"] == two[1]["norm"]  # identical replicas
+    # same global batch: losses and weights agree up to the order of float sums (stated tolerance 1e-5 relative)
+    assert two[0]["losses"] == pytest.approx(one[0]["losses"], rel=1e-5)
+    assert two[0]["norm"] == pytest.approx(one[0]["norm"], rel=1e-5)
+    assert two[0]["losses"][-1] < two[0]["losses"][0]
+
+
+def test_torchrun_launch_runs_the_file_directly(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "r1_scratch" / "launch.py"), "--name", "ddp", f"train.out_dir={tmp_path}", "train.max_steps=2",
+           *SHORT]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300, cwd=tmp_path)  # any directory
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 process(es) on cpu" in out.stdout and len(losses(tmp_path / "ddp")) == 2

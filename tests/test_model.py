@@ -1,0 +1,75 @@
+"""The whole model: padding invariance, generation with a KV cache, parameter counts of every preset."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from r1_scratch.config import apply_overrides, get_preset, with_data_root
+from r1_scratch.data import TextTokenizer, build_loader
+from r1_scratch.model import (R1Model, build_on_meta, count_parameters, count_targets, generate, lm_loss_sum,
+                              model_flops, sample_next)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = with_data_root(get_preset("tiny"), REPO)
+    torch.manual_seed(0)
+    batch = next(iter(build_loader(cfg, "train", {"vqa": 0.5, "audio_qa": 0.5}, batch_size=6)))
+    return cfg, R1Model(cfg.model).eval(), batch
+
+
+def test_loss_sum_counts_response_tokens_only(setup):
+    cfg, model, batch = setup
+    out = model(batch)
+    loss, n = lm_loss_sum(out.logits, batch["labels"])
+    assert n == count_targets(batch) == (batch["labels"][:, 1:] != -100).sum() > 0
+    # an untrained model is close to a uniform guess over the vocabulary
+    assert abs(loss.item() / n.item() - math.log(cfg.model.vocab_size)) < 0.5
+    assert batch["has_image"].any() and (batch["audio_lengths"] > 0).any()
+
+
+def test_generation_with_cache_equals_recomputation(setup):
+    cfg, model, batch = setup
+    tok = TextTokenizer.from_file(cfg.data.tokenizer)
+    prompts = {**batch, "input_ids": batch["input_ids"].where(batch["labels"] == -100, tok.pad_id),
+               "attention_mask": batch["attention_mask"] & (batch["labels"] == -100)}
+    cached = generate(model, prompts, max_new_tokens=8)
+    assert cached == generate(model, prompts, max_new_tokens=8, use_cache=False)
+    assert len(cached) == 6 and all(len(row) == 8 for row in cached)
+    # a sample alone generates what it generates in the batch
+    one = {k: v[2:3] if torch.is_tensor(v) else v[2:3] for k, v in prompts.items()}
+    assert generate(model, one, max_new_tokens=8) == cached[2:3]
+
+
+def test_stop_token_cuts_each_row():
+    logits = torch.tensor([[0.0, 5.0, 0.0], [5.0, 0.0, 0.0]])
+    assert sample_next(logits, temperature=0).tolist() == [1, 0]
+    with pytest.raises(RuntimeError):
+        sample_next(torch.full((1, 3), float("nan")), temperature=1.0)
+
+
+@pytest.mark.parametrize("preset, low, high", [("r1_22b", 21.5e9, 22.5e9), ("r1_175b", 170e9, 180e9)])
+def test_article_sizes_on_the_meta_device(preset, low, high):
+    counts = count_parameters(build_on_meta(get_preset(preset).model))
+    assert low < counts["total"] < high
+    assert counts["active"] < counts["total"] / 3  # top-2 of 16 experts
+
+
+def test_count_matches_the_real_tiny_model(setup):
+    cfg, model, batch = setup
+    assert count_parameters(model)["total"] == sum(p.numel() for p in model.parameters())
+    assert count_parameters(build_on_meta(cfg.model))["total"] == count_parameters(model)["total"]
+    flops = model_flops(model, batch)
+    assert 6 * count_parameters(model)["active"] * batch["attention_mask"].sum() * 0.1 < flops
+
+
+def test_dense_first_layers_and_deepseek_kind():
+    cfg = apply_overrides(get_preset("tiny"), ["model.n_dense_layers=1", "model.moe_kind=deepseek",
+                                               "model.n_shared_experts=1", "model.expert_families=false",
+                                               "model.router=linear", "model.n_groups=4", "model.top_groups=2"])
+    model = R1Model(cfg.model)
+    assert len(model.moe_layers) == 1 and model.moe_layers[0].router.score == "sigmoid"
+    assert model.moe_layers[0].shared is not None

@@ -1,0 +1,141 @@
+"""The Trainer: accumulation normalised by target tokens, atomic checkpoints, safe loading, NaN stop, precision."""
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from r1_scratch.config import apply_overrides, get_preset, with_data_root
+from r1_scratch.model import R1Model
+from r1_scratch import trainer as trainer_module
+from r1_scratch.trainer import (CheckpointError, Checkpoints, NonFiniteError, Stage, Trainer, lm_stage, local_runtime,
+                                lr_lambda, resolve_precision)
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ["R1_NO_PROGRESS"] = "1"
+
+
+def toy_cfg(*overrides):
+    return apply_overrides(get_preset("tiny"), ["train.wandb=disabled", "train.warmup_steps=1", *overrides])
+
+
+class Fixed:
+    def __init__(self, batches): self.batches = batches
+    def __iter__(self): return iter(self.batches)
+
+
+def toy_stage(batches, grad_accum, steps=1):
+    loss = lambda m, b: (((m(b["x"]) - b["y"]) ** 2).sum(), torch.zeros(()), {})
+    return Stage("toy", Fixed(batches), loss, lambda b: torch.tensor(len(b["x"])), steps=steps, lr=0.1,
+                 grad_accum=grad_accum)
+
+
+def test_accumulation_is_normalised_by_the_step_target_count(tmp_path):
+    torch.manual_seed(0)
+    x, y = torch.randn(10, 3), torch.randn(10, 1)
+    a, b = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    b.load_state_dict(a.state_dict())
+    cfg = toy_cfg("train.ckpt_every=0")
+    # micro-batches of 3 and 7 rows must give the step of one batch of 10
+    Trainer(a, toy_stage([{"x": x[:3], "y": y[:3]}, {"x": x[3:], "y": y[3:]}], 2), cfg, tmp_path / "a", callbacks=[]).fit()
+    Trainer(b, toy_stage([{"x": x, "y": y}], 1), cfg, tmp_path / "b", callbacks=[]).fit()
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-6, atol=1e-7)
+    # the naive loss / grad_accum would not: it weighs the 3-row micro-batch like the 7-row one
+    assert not torch.allclose(a.weight, torch.nn.Linear(3, 1).weight)
+
+
+def test_schedule_warms_up_then_decays_to_min_ratio():
+    assert lr_lambda(0, 4, 20, 0.1) == 0.25 and lr_lambda(3, 4, 20, 0.1) == 1.0
+    assert lr_lambda(20, 4, 20, 0.1) == pytest.approx(0.1) and lr_lambda(100, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+def test_precision_is_checked_against_the_device():
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    with pytest.raises(ValueError, match="train.precision=bf16 needs a CUDA GPU"):
+        resolve_precision("bf16", torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    cfg = with_data_root(toy_cfg("train.ckpt_every=2", "train.keep_last=2",
+                                 "stages.sft.options={expert_dropout: 0.3, eval_batches: 1}"), REPO)
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    trainer = Trainer(R1Model(cfg.model), lm_stage(cfg, "sft", steps=6, grad_accum=1), cfg, run, callbacks=[])
+    trainer.fit()
+    return cfg, run, trainer
+
+
+def test_checkpoints_rotate_and_hold_everything(tiny_run):
+    cfg, run, trainer = tiny_run
+    names = [p.name for p in Checkpoints(run / "checkpoints").all()]
+    assert names == ["step_000004", "step_000006"]  # keep_last=2
+    files = sorted(p.name for p in (run / "checkpoints" / "step_000006").iterdir())
+    assert files == ["meta.json", "model.safetensors", "rng_0.pt", "state.pt"]
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(tiny_run, monkeypatch):
+    cfg, run, trainer = tiny_run
+    def half_written(model, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(trainer_module, "save_weights", half_written)
+    trainer.step = 8
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save()
+    checkpoints = Checkpoints(run / "checkpoints")
+    assert checkpoints.latest().name == "step_000006"  # the half-written one is not a checkpoint
+    model = R1Model(cfg.model)
+    state, meta = checkpoints.load(checkpoints.latest(), model)
+    assert meta["step"] == 6 and "optimizer" in state
+    torch.testing.assert_close(model.state_dict()["lm_head.weight"], trainer.module.state_dict()["lm_head.weight"])
+
+
+def test_checkpoint_of_another_shape_gets_a_clear_error(tiny_run):
+    cfg, run, _ = tiny_run
+    other = R1Model(apply_overrides(cfg, ["model.depth=3"]).model)
+    with pytest.raises(CheckpointError, match=r"does not fit this model \(\d+ shape mismatch"):
+        Checkpoints(run / "checkpoints").load(Checkpoints(run / "checkpoints").latest(), other)
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        Checkpoints(run / "checkpoints").load(run, other)
+
+
+def test_checkpoints_load_without_unpickling_objects(tiny_run, tmp_path):
+    cfg, run, _ = tiny_run
+    import shutil
+    evil = tmp_path / "step_000001"
+    shutil.copytree(Checkpoints(run / "checkpoints").latest(), evil)
+
+    class Boom:
+        def __reduce__(self): return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+    (evil / "state.pt").write_bytes(pickle.dumps({"optimizer": Boom()}))
+    with pytest.raises(pickle.UnpicklingError):
+        Checkpoints(tmp_path).load(evil, R1Model(cfg.model))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_nan_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
+    cfg = with_data_root(toy_cfg("train.ckpt_every=2"), REPO)
+    calls = []
+    def poisoned(model, batch):
+        calls.append(1)
+        from r1_scratch.trainer import lm_loss
+        loss_sum, extra, m = lm_loss(model, batch)
+        return (loss_sum * float("nan") if len(calls) > 3 else loss_sum), extra, m
+    trainer = Trainer(R1Model(cfg.model), lm_stage(cfg, "sft", steps=8, grad_accum=1, loss=poisoned), cfg, tmp_path,
+                      callbacks=[])
+    with pytest.raises(NonFiniteError, match=r"loss is nan at step 4; nothing was saved. Last good checkpoint: .*step_000002"):
+        trainer.fit()
+    assert [p.name for p in Checkpoints(tmp_path / "checkpoints").all()] == ["step_000002"]
+
+
+def test_trainable_prefixes_freeze_the_rest_and_unknown_ones_are_named(tmp_path):
+    cfg = with_data_root(toy_cfg(), REPO)
+    model = R1Model(cfg.model)
+    trainer = Trainer(model, lm_stage(cfg, "sft", trainable=["blocks", "lm_head"]), cfg, tmp_path, callbacks=[])
+    assert all(p.requires_grad == (n.startswith(("blocks", "lm_head", "inputs.token_embedding")))
+               for n, p in model.named_parameters())
+    assert len(trainer.params) < len(list(model.parameters()))
+    with pytest.raises(ValueError, match="trainable prefix 'decoder' matches no parameter"):
+        Trainer(model, lm_stage(cfg, "sft", trainable=["decoder"]), cfg, tmp_path, callbacks=[])
