@@ -6,7 +6,11 @@ weight, embedding tables excluded, the tied LM head included) x the real tokens 
 text + image patches + audio frames; each encoder its own tokens), plus attention's 12 x layers x width x padded
 length per token. Throughput is measured over the steps after the first (warm-up) from each step's own time.
 
-    python bench/train_gpu.py [--preset small] [--gpus 1 2 4] [--steps 30] [--out bench/results/train_h200.json] [key=value ...]
+    python bench/train_gpu.py [--preset small] [--gpus 1 2 4] [--steps 30] [--cached 8] [--out bench/results/train_h200.json] [key=value ...]
+
+With --cached N it also times the Trainer on N batches held in memory (eager, then torch.compile): the model and
+loop alone, without the data loader, which on data_samples/ (4 shards per source, so at most 4 loader workers)
+is the bottleneck.
 """
 import argparse
 import json
@@ -37,6 +41,32 @@ def run(preset: str, gpus: int, steps: int, overrides: list[str], out_dir: Path)
                 tokens_per_s_per_gpu=round(summary["steady_tokens_per_s"] / gpus, 1))
 
 
+def run_cached(preset: str, steps: int, batches: int, overrides: list[str]) -> dict:
+    "The Trainer on one GPU with `batches` batches held in memory and cycled: the model's speed without the loader."
+    import itertools
+    from r1_scratch.data import build_loader
+    from r1_scratch.launch import resolve_config
+    from r1_scratch.model import R1Model
+    from r1_scratch.trainer import Trainer, lm_stage, local_runtime
+    cfg = resolve_config(None, preset, ["train.wandb=disabled", "train.ckpt_every=0", "train.eval_every=0", *overrides])
+    st = cfg.stages["sft"]
+    held = list(itertools.islice(build_loader(cfg, "train", st.mixture, batch_size=st.batch_size, max_tokens=st.max_tokens),
+                                 batches))
+    cycle = type("Cycle", (), {"__iter__": lambda self: itertools.cycle(held)})()
+    rt = local_runtime(cfg.train.precision)
+    torch.manual_seed(0)
+    model = R1Model(cfg.model).to(rt.device)
+    train_model = torch.compile(model) if cfg.train.compile else model
+    stage = lm_stage(cfg, "sft", loader=cycle, steps=steps, evaluate=None)
+    trainer = Trainer(train_model, stage, cfg, Path("/tmp/bench_cached"), rt, callbacks=[])
+    summary = trainer.fit(resume=False)
+    tflops = summary["model_tflops_per_s"]
+    return dict(gpus=1, mode="cached batches" + (", compiled" if cfg.train.compile else ""), steps=steps,
+                last_loss=summary["last_loss"], tokens_per_s=summary["steady_tokens_per_s"],
+                target_tokens_per_s=summary["steady_targets_per_s"], model_tflops_per_s=tflops,
+                mfu=round(tflops / PEAK_TFLOPS, 4), peak_memory_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="small")
@@ -44,12 +74,21 @@ def main():
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--out", default="bench/results/train_h200.json")
     p.add_argument("--runs", default="/tmp/bench_runs")
+    p.add_argument("--cached", type=int, default=0, help="also time N in-memory batches cycled (no loader), eager and compiled")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     available = torch.cuda.device_count()
-    rows = [run(args.preset, n, args.steps, args.overrides, Path(args.runs)) for n in args.gpus if n <= available]
+    rows = [run(args.preset, n, args.steps, args.overrides, Path(args.runs)) | dict(mode="launch, data_samples loader")
+            for n in args.gpus if n <= available]
     for row in rows:
         print(json.dumps(row), flush=True)
+    if args.cached:
+        for compiled in ("false", "true"):
+            try: row = run_cached(args.preset, args.steps, args.cached, [*args.overrides, f"train.compile={compiled}"])
+            except Exception as error:  # e.g. an Inductor failure: record it, keep the other rows
+                row = dict(gpus=1, mode=f"cached batches, compile={compiled}", error=f"{type(error).__name__}: {str(error)[:1500]}")
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     result = dict(device=torch.cuda.get_device_name() if available else "cpu", gpus_available=available,
                   torch=torch.__version__, preset=args.preset, overrides=args.overrides, peak_tflops_per_gpu=PEAK_TFLOPS,
                   skipped_gpu_counts=[n for n in args.gpus if n > available], rows=rows)
