@@ -70,11 +70,12 @@ def run_cached(preset: str, steps: int, batches: int, overrides: list[str]) -> d
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="small")
-    p.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--gpus", type=int, nargs="*", default=[1, 2, 4], help="launch runs on these GPU counts (none: skip)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--out", default="bench/results/train_h200.json")
     p.add_argument("--runs", default="/tmp/bench_runs")
     p.add_argument("--cached", type=int, default=0, help="also time N in-memory batches cycled (no loader), eager and compiled")
+    p.add_argument("--eager-only", action="store_true", help="with --cached: skip the torch.compile row")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     available = torch.cuda.device_count()
@@ -83,7 +84,7 @@ def main():
     for row in rows:
         print(json.dumps(row), flush=True)
     if args.cached:
-        for compiled in ("false", "true"):
+        for compiled in ("false",) if args.eager_only else ("false", "true"):
             try: row = run_cached(args.preset, args.steps, args.cached, [*args.overrides, f"train.compile={compiled}"])
             except Exception as error:  # e.g. an Inductor failure: record it, keep the other rows
                 row = dict(gpus=1, mode=f"cached batches, compile={compiled}", error=f"{type(error).__name__}: {str(error)[:1500]}")
