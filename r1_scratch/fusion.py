@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .audio import AudioEncoder
-from .layers import EncoderOutput, init_weights
+from .layers import EncoderOutput
 from .text import TextEncoder
 from .vision import VisionEncoder
 

@@ -29,8 +29,7 @@ rt = init_distributed("fp32")
 torch.manual_seed(0)
 model = R1Model(cfg.model)
 mine = batches[rt.rank::rt.world]
-stage = Stage("sft", mine, lm_loss, count_targets, steps=steps, lr=1e-3, grad_accum=2 // rt.world)
-stage.loader = type("Fixed", (), {"__iter__": lambda self: iter(mine)})()
+stage = Stage("sft", mine, lm_loss, count_targets, steps=steps, lr=1e-3, grad_accum=2 // rt.world)  # a list is a loader
 trainer = Trainer(wrap_ddp(model, rt), stage, cfg, out_dir, rt, callbacks=[])
 trainer.fit(resume=False)
 weights = torch.cat([p.detach().flatten() for p in model.parameters()]).double()

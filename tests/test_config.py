@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from r1_scratch.config import (PRESETS, Config, ConfigError, ModelConfig, StageConfig, apply_overrides,
+from r1_scratch.config import (PRESETS, Config, ConfigError, ModelConfig, apply_overrides,
                                config_from_dict, config_to_dict, get_preset, load_config, save_config)
 
 REPO = Path(__file__).resolve().parents[1]

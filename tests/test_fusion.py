@@ -4,7 +4,6 @@ import torch
 
 from r1_scratch.config import get_preset
 from r1_scratch.fusion import MODALITY_IDS, DecoderInputs, MultiModalEncoder, cross_modal_mask
-from r1_scratch.layers import EncoderOutput
 
 IMG, AUD, TXT = (MODALITY_IDS[m] for m in ("image", "audio", "text"))
 

@@ -44,11 +44,22 @@ def test_generation_with_cache_equals_recomputation(setup):
     assert generate(model, one, max_new_tokens=8) == cached[2:3]
 
 
-def test_stop_token_cuts_each_row():
-    logits = torch.tensor([[0.0, 5.0, 0.0], [5.0, 0.0, 0.0]])
-    assert sample_next(logits, temperature=0).tolist() == [1, 0]
-    with pytest.raises(RuntimeError):
-        sample_next(torch.full((1, 3), float("nan")), temperature=1.0)
+def test_stop_token_cuts_each_row_after_it(setup):
+    cfg, model, batch = setup
+    free = generate(model, batch, max_new_tokens=6)
+    stop = free[0][2]  # a token the first row emits third
+    stopped = generate(model, batch, max_new_tokens=6, eos_id=stop)
+    for row, full in zip(stopped, free):
+        cut = full.index(stop) + 1 if stop in full else len(full)
+        assert row == full[:cut]  # the same tokens, up to and including the stop token
+    assert len(stopped[0]) == free[0].index(stop) + 1 <= 3
+
+
+def test_sampling_controls():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda **kw: {sample_next(logits, generator=torch.Generator().manual_seed(s), **kw).item() for s in range(200)}
+    assert kept(temperature=0) == {0} and kept(top_k=2) == {0, 1} and kept(top_p=0.7) == {0, 1}
+    assert kept() == {0, 1, 2, 3}
 
 
 @pytest.mark.parametrize("preset, low, high", [("r1_22b", 21.5e9, 22.5e9), ("r1_175b", 170e9, 180e9)])

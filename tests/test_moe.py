@@ -36,7 +36,7 @@ def test_an_expert_with_no_tokens_and_sorting():
     s = sort_by_expert(routing, 5)
     assert s.counts.tolist() == [2, 0, 3, 1, 0] and s.offsets.tolist() == [2, 2, 5, 6, 6]
     assert s.token.tolist() == [0, 2, 0, 1, 2, 1]  # stable: token order kept within an expert
-    router, experts = Router(8, 5, 2), Experts(5, 8, 16, std=0.3)
+    experts = Experts(5, 8, 16, std=0.3)
     x = torch.randn(3, 8)
     for path in DISPATCH:
         torch.testing.assert_close(DISPATCH[path](x, routing, experts), DISPATCH["reference"](x, routing, experts))
