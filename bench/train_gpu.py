@@ -27,7 +27,7 @@ PEAK_TFLOPS = 989.0  # H200 (and H100 SXM) dense bf16
 def run(preset: str, gpus: int, steps: int, overrides: list[str], out_dir: Path) -> dict:
     name = f"bench-{preset}-{gpus}gpu"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-           "r1_scratch/launch.py", "--preset", preset, "--name", name, "--fresh", f"train.out_dir={out_dir}",
+           "r1_scratch/launch.py", "--preset", preset, "--stages", "sft", "--name", name, "--fresh", f"train.out_dir={out_dir}",
            f"train.max_steps={steps}", "train.ckpt_every=0", "train.eval_every=0", "train.log_every=5",
            "train.wandb=disabled", "stages.sft.options={expert_dropout: 0.3, eval_batches: 2}", *overrides]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "R1_NO_PROGRESS": "1"})

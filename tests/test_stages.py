@@ -1,0 +1,173 @@
+"""The three training stages as a user meets them: what each loss hides and scores, the contrastive loss and its
+negatives across ranks, the answer scoring of stage 3, and one-modality batches."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from r1_scratch.align import MAX_LOGIT_SCALE, align_objective, contrastive_loss, gather_rows, uniformity
+from r1_scratch.config import get_preset, with_data_root
+from r1_scratch.data import IGNORE_INDEX, TextTokenizer, build_loader
+from r1_scratch.model import PRETRAIN_LOSSES, R1Model
+from r1_scratch.pretrain import batch_modality, patchify, span_mask, uncertainty_weighted
+from r1_scratch.sft import blind_accuracy, final_answer, is_correct, prompts_of, select_rows
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return with_data_root(get_preset("tiny"), REPO)
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    torch.manual_seed(0)
+    return R1Model(cfg.model).eval()
+
+
+def test_one_source_per_batch_keeps_each_batch_to_one_source_and_follows_the_weights(cfg):
+    loader = build_loader(cfg, "train", {"scenes": 0.75, "text": 0.25}, batch_size=4, one_source_per_batch=True)
+    sources = [set(b["source"]) for _, b in zip(range(80), loader)]
+    assert all(len(s) == 1 for s in sources)
+    share = sum(s == {"scenes"} for s in sources) / len(sources)
+    assert 0.6 < share < 0.9, share
+    mixed = build_loader(cfg, "train", {"scenes": 0.5, "text": 0.5}, batch_size=8)
+    assert any(len(set(b["source"])) == 2 for _, b in zip(range(10), mixed))  # the default still mixes
+
+
+def test_patchify_orders_patches_as_the_vision_encoder_does(model):
+    vision = model.encoders.vision
+    images = torch.rand(2, 3, 32, 32)
+    conv = torch.nn.Conv2d(3, 1, vision.patch, vision.patch, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_(); conv.weight[0, 1, 2, 5] = 1.0   # picks channel 1, row 2, column 5 of each patch
+    tokens = conv(images).flatten(2).transpose(1, 2)[..., 0]  # (B, N) in PatchEmbed's order
+    index = (2 * vision.patch + 5) * 3 + 1                     # the same pixel in patchify's (row, col, channel) layout
+    assert torch.equal(patchify(images, vision.patch)[..., index], tokens)
+
+
+def test_a_hidden_patch_or_mel_frame_does_not_leak_into_the_output(model):
+    vision, audio = model.encoders.vision, model.encoders.audio
+    images = torch.rand(2, 3, 32, 32)
+    hidden = torch.zeros(2, 16, dtype=torch.bool); hidden[:, 5] = True      # patch 5: row 1, column 1
+    changed = images.clone(); changed[:, :, 8:16, 8:16] = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(vision(images, patch_mask=hidden).tokens, vision(changed, patch_mask=hidden).tokens)
+        assert not torch.equal(vision(images).tokens, vision(changed).tokens)
+        mel, frames = audio.mel(torch.randn(2, 16000), torch.tensor([16000, 12000]))
+        mel_hidden = torch.zeros(mel.shape[0], mel.shape[-1], dtype=torch.bool); mel_hidden[:, 20:40] = True
+        noisy = mel.clone(); noisy[..., 20:40] = torch.randn_like(noisy[..., 20:40])
+        assert torch.equal(audio.encode_mel(mel, frames, mel_hidden).tokens, audio.encode_mel(noisy, frames, mel_hidden).tokens)
+
+
+def test_span_mask_hides_about_the_ratio_and_never_padding():
+    lengths = torch.tensor([30, 7] * 300)
+    hidden = span_mask(lengths, 32, ratio=0.5, span=3)
+    assert not hidden[0::2, 30:].any() and not hidden[1::2, 7:].any()
+    assert 0.42 < hidden[0::2, :30].float().mean() < 0.58
+
+
+def test_uncertainty_weights_settle_at_each_loss_scale():
+    losses = {"text_mlm": torch.tensor(6.0), "audio_frames": torch.tensor(0.3)}
+    log_var = torch.zeros(len(PRETRAIN_LOSSES), requires_grad=True)
+    opt = torch.optim.SGD([log_var], lr=0.1)
+    for _ in range(500):
+        opt.zero_grad(); uncertainty_weighted(losses, log_var).backward(); opt.step()
+    weights = dict(zip(PRETRAIN_LOSSES, torch.exp(-log_var).tolist()))
+    assert weights["text_mlm"] == pytest.approx(1 / 6.0, rel=0.02) and weights["audio_frames"] == pytest.approx(1 / 0.3, rel=0.02)
+    assert weights["decoder_lm"] == 1.0  # a loss that never appears keeps its weight
+
+
+def test_batch_modality_follows_what_a_batch_holds(cfg):
+    kinds = {src: batch_modality(next(iter(build_loader(cfg, "val", {src: 1.0}, batch_size=4, num_workers=0))))
+             for src in ("text", "scenes", "speech")}
+    assert kinds == {"text": "text", "scenes": "image", "speech": "audio"}
+
+
+def test_contrastive_loss_matches_clip_and_is_lowest_for_matched_pairs():
+    torch.manual_seed(0)
+    a, b = F.normalize(torch.randn(8, 16), dim=-1), F.normalize(torch.randn(8, 16), dim=-1)
+    logits = 10 * a @ b.T
+    clip = (F.cross_entropy(logits, torch.arange(8)) + F.cross_entropy(logits.T, torch.arange(8))) / 2
+    assert contrastive_loss(a, b, torch.tensor(10.0)) == pytest.approx(clip.item(), rel=1e-6)
+    assert contrastive_loss(a, a, torch.tensor(100.0)) < 1e-3 < contrastive_loss(a, a.roll(1, 0), torch.tensor(100.0))
+
+
+def test_uniformity_prefers_spread_embeddings():
+    torch.manual_seed(0)
+    spread = F.normalize(torch.randn(100, 8), dim=-1)
+    crowded = F.normalize(torch.randn(100, 8) * 0.05 + torch.ones(8), dim=-1)
+    assert uniformity(spread) < uniformity(crowded) - 1
+
+
+def test_learned_temperature_is_clamped_at_clip_limit(cfg, batch=None):
+    model = R1Model(cfg.model).eval()
+    batch = next(iter(build_loader(cfg, "val", {"scenes": 1.0}, batch_size=4, num_workers=0)))
+    assert align_objective(model, batch)["scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)
+    with torch.no_grad(): model.heads.logit_scale.fill_(10.0)
+    assert align_objective(model, batch)["scale"].item() == pytest.approx(MAX_LOGIT_SCALE, rel=1e-5)
+    assert align_objective(model, batch, temperature=0.1)["scale"].item() == pytest.approx(10.0)
+
+
+def _gather_worker(rank: int, world: int, port: int, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    weight = torch.randn(6, 4, requires_grad=True)            # the same "encoder" on both ranks
+    x, y = torch.randn(8, 6), torch.randn(8, 6)               # the same global batch on both ranks
+    rows = [[0, 1, 2], [3, 4, 5, 6, 7]][rank]                 # unequal shares of it
+    a, b = F.normalize(x[rows] @ weight, dim=-1), F.normalize(y[rows] @ weight, dim=-1)
+    loss = contrastive_loss(gather_rows(a), gather_rows(b), torch.tensor(5.0)) * len(rows) / 8
+    loss.backward()
+    dist.all_reduce(weight.grad)                               # what DDP does (it averages; world x loss undoes it)
+    queue.put((rank, weight.grad.clone(), len(gather_rows(a))))
+    dist.destroy_process_group()
+
+
+def test_negatives_are_gathered_across_ranks_with_gradients():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = 29700 + os.getpid() % 200
+    procs = [ctx.Process(target=_gather_worker, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs: p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs: p.join(timeout=60)
+    torch.manual_seed(0)
+    weight = torch.randn(6, 4, requires_grad=True)
+    x, y = torch.randn(8, 6), torch.randn(8, 6)
+    contrastive_loss(F.normalize(x @ weight, dim=-1), F.normalize(y @ weight, dim=-1), torch.tensor(5.0)).backward()
+    for rank, grad, rows in results:
+        assert rows == 8                                       # every rank compared against all 8 pairs
+        torch.testing.assert_close(grad, weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_prompts_of_cuts_each_row_before_its_answer(cfg):
+    tok = TextTokenizer.from_file(cfg.data.tokenizer)
+    batch = next(iter(build_loader(cfg, "val", {"vqa": 1.0}, batch_size=6, num_workers=0)))
+    prompt = prompts_of(batch)
+    for i in range(6):
+        n = int(prompt["attention_mask"][i].sum())
+        full = batch["input_ids"][i][batch["attention_mask"][i]].tolist()
+        assert prompt["input_ids"][i][:n].tolist() == full[:n]
+        assert all(label == IGNORE_INDEX for label in batch["labels"][i][:n].tolist())
+        assert tok.decode(full[n:]).strip() == batch["answer"][i]   # what follows the prompt is the answer
+    picked = select_rows(batch, [1, 4])
+    assert picked["answer"] == [batch["answer"][1], batch["answer"][4]] and picked["input_ids"].shape[0] == 2
+
+
+def test_answers_are_scored_by_exact_match_or_final_answer():
+    assert is_correct("vqa", "Red.", "red") and not is_correct("vqa", "red square", "red")
+    assert is_correct("reasoning", "Step 1: 2 + 2 = 4. Answer: 4", "4")
+    assert not is_correct("reasoning", "Answer: 4. Step 2: no, Answer: 5", "4")  # the last answer counts
+    assert final_answer("nothing") == ""
+
+
+def test_blind_accuracy_is_leave_one_out():
+    assert blind_accuracy(["q"] * 4, ["a", "a", "a", "b"]) == 0.75
+    assert blind_accuracy(["q1", "q2", "q3"], ["x", "y", "z"]) == 0.0     # unique answers: nothing to copy
+    assert blind_accuracy(["q1", "q2", "q3"], ["x", "x", "y"]) == pytest.approx(2 / 3)  # falls back to the commonest
