@@ -105,7 +105,7 @@ def test_uniformity_prefers_spread_embeddings():
     assert uniformity(spread) < uniformity(crowded) - 1
 
 
-def test_learned_temperature_is_clamped_at_clip_limit(cfg, batch=None):
+def test_learned_temperature_is_clamped_at_clip_limit(cfg):
     model = R1Model(cfg.model).eval()
     batch = next(iter(build_loader(cfg, "val", {"scenes": 1.0}, batch_size=4, num_workers=0)))
     assert align_objective(model, batch)["scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)
