@@ -6,11 +6,13 @@ sft and pretrain: rank r of W takes micro-batches r, r + W, ...; one process tak
 so both see the same global batch in every step (pretrain: one modality per micro-batch, the ranks' modalities
 differ within a step). align: each rank takes an unequal share of the rows of every global batch (3 and 5 of 8),
 one process takes whole batches, so contrastive negatives must come from both ranks to match.
-Prints one JSON line per rank: the step losses and a checksum of the weights.
+Each rank writes OUT_DIR/rank{r}.json (a file, not stdout: two ranks' prints can interleave on one line):
+the step losses and a checksum of the weights.
 """
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -66,6 +68,8 @@ else:
 trainer = Trainer(wrap_ddp(model, rt), stage, cfg, out_dir, rt, callbacks=[])
 trainer.fit(resume=False)
 weights = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
-print(json.dumps(dict(rank=rt.rank, world=rt.world, losses=[h["loss"] for h in trainer.history],
-                      checksum=weights.sum().item(), norm=weights.norm().item())), flush=True)
+result = dict(rank=rt.rank, world=rt.world, losses=[h["loss"] for h in trainer.history],
+              checksum=weights.sum().item(), norm=weights.norm().item())
+Path(out_dir).mkdir(parents=True, exist_ok=True)
+(Path(out_dir) / f"rank{rt.rank}.json").write_text(json.dumps(result))
 shutdown(rt)

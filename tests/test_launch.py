@@ -122,7 +122,7 @@ def run_ddp_script(nproc: int, tmp_path: Path, kind: str = "sft") -> list[dict]:
            str(REPO / "tests" / "ddp_train.py"), str(REPO), str(tmp_path / f"{kind}{nproc}"), "3", kind]
     out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    return sorted((json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")), key=lambda r: r["rank"])
+    return [json.loads((tmp_path / f"{kind}{nproc}" / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
 def test_torchrun_two_cpu_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
