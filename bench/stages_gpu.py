@@ -1,19 +1,25 @@
 """All three training stages of a preset through the launch on this machine's GPU(s), then every metric of the
 evaluation entry point on the validation split: what `small` reaches on one GPU.
 
-    python bench/stages_gpu.py [--preset small] [--gpus 1] [--scale K] [--out bench/results/stages_small_h200.json] [key=value ...]
+    python bench/stages_gpu.py [--preset small] [--gpus 1] [--scale K] [--espeak-debs .espeak] [--out FILE] [key=value ...]
 
---scale K first generates K times the bundled train records with the course's own generator (val unchanged, the
-same records as data_samples/val) into --data, and trains on that: the bundled 2,760 train records are too few
-for a 154M-parameter model (it overfits them within minutes). Sources with speech need espeak-ng; without it on
-PATH (GPU machines have none) only the silent sources grow and the spoken ones are the bundled records.
+--scale K first generates K independent draws of the bundled train split with the course's own generator (seeds
+0..K-1, so K times the records, 4K shards per source) into --data, in parallel on every core, and trains on that:
+the bundled 2,760 train records are too few for a 154M-parameter model (it overfits them within minutes). The
+val split stays the bundled one, so scores compare across runs. Sources with speech need espeak-ng: GPU machines
+have none and cannot install it, so --espeak-debs names a folder of its Debian packages (espeak-ng,
+libespeak-ng1, espeak-ng-data, libsonic0; fetch them with `apt-get download`), which are unpacked under /tmp with
+a stub for the sound library (pcaudio_stub.c). Without espeak-ng only the silent sources grow.
 
 Targets (issue 6): retrieval R@1 >= 0.9 both ways, visual QA >= 0.9, audio QA >= 0.8, in a run of about 20 min.
-The JSON holds the exact command, the wall time of each stage, each stage's summary and the evaluation.
+The JSON holds the exact command, the wall time of each stage, each stage's summary and the evaluation; it is
+written after training and again after the evaluation. --detach runs everything in a new session writing a log,
+for machines whose single command is shorter than the run.
 """
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,19 +31,81 @@ KEEP = ("steps", "first_loss", "last_loss", "seconds", "steady_tokens_per_s", "m
 
 
 SILENT = ("scenes", "digits", "text", "reasoning", "vqa", "problems")  # sources without speech: no espeak-ng needed
+HERE = Path(__file__).resolve().parent
+
+
+def unpack_deb(deb: Path, where: Path):
+    "Extract a Debian package's files under `where` (what `dpkg -x` does), in Python: no dpkg needed."
+    import io
+    import tarfile
+    blob = deb.read_bytes()
+    if not blob.startswith(b"!<arch>\n"): raise ValueError(f"{deb} is not a Debian package (no ar header)")
+    at = 8
+    while at < len(blob):  # ar members: 60-byte header (name 16, ..., size at 48..58), data, pad to even
+        name, size = blob[at:at + 16].decode().strip().rstrip("/"), int(blob[at + 48:at + 58])
+        if name.startswith("data.tar"):
+            with tarfile.open(fileobj=io.BytesIO(blob[at + 60:at + 60 + size])) as tar: tar.extractall(where, filter="tar")
+            return
+        at += 60 + size + size % 2
+    raise ValueError(f"{deb} has no data.tar member")
+
+
+def portable_espeak(debs: Path, where: Path = Path("/tmp/espeak")) -> str:
+    "espeak-ng from its packages in `debs`, runnable without installing: unpack, stub libpcaudio, set PATH. Its path."
+    for deb in sorted(debs.glob("*.deb")): unpack_deb(deb, where)
+    libs = where / "usr/lib/x86_64-linux-gnu"
+    stub = where / "stub"; stub.mkdir(parents=True, exist_ok=True)
+    if shutil.which("cc"):
+        subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-Wl,-soname,libpcaudio.so.0", "-o", str(stub / "libpcaudio.so.0"),
+                        str(HERE / "pcaudio_stub.c")], check=True)
+    elif (debs / "libpcaudio.so.0").exists(): shutil.copy(debs / "libpcaudio.so.0", stub)  # built elsewhere, x86-64
+    else: raise RuntimeError(f"no C compiler to build the pcaudio stub, and no prebuilt {debs / 'libpcaudio.so.0'}")
+    os.environ["PATH"] = f"{where / 'usr/bin'}:{os.environ['PATH']}"
+    os.environ["LD_LIBRARY_PATH"] = f"{stub}:{libs}:{os.environ.get('LD_LIBRARY_PATH', '')}"
+    os.environ["ESPEAK_DATA_PATH"] = str(libs)  # the folder that holds espeak-ng-data
+    wav = subprocess.run(["espeak-ng", "--stdout", "a red circle"], capture_output=True, check=True).stdout
+    if not wav.startswith(b"RIFF"): raise RuntimeError("portable espeak-ng wrote no WAV")
+    return shutil.which("espeak-ng")
+
+
+def grow_chunk(job: tuple) -> int:
+    "One (out, source, records, seed) job: a fresh draw of a source's train split as 4 shards numbered by seed."
+    import numpy as np
+    import torch
+    from r1_scratch.samples import SHARDS, build_source, write_shard
+    out, source, n, seed = job
+    torch.set_num_threads(1)
+    records = build_source(source, "train", n, seed)
+    keyed = [(f"{source}-train-{seed:03d}-{i:06d}", r) for i, r in enumerate(records)]
+    per = SHARDS["train"]
+    for s, part in enumerate(np.array_split(np.arange(n), per)):
+        write_shard(Path(out) / "train" / f"{source}-{seed * per + s:06d}.tar", [keyed[j] for j in part])
+    return n
 
 
 def grow_data(out: Path, scale: int) -> dict:
-    "data_samples/ copied to `out`, then the train split of every source it can generate here x `scale`."
-    import shutil
+    "data_samples/ copied to `out`, its train split replaced by `scale` independent draws of every source it can make here."
     from multiprocessing import get_context
-    from r1_scratch.samples import SOURCES, build_and_write, record_count
+    from r1_scratch.samples import SOURCES
     shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(Path(__file__).resolve().parent.parent / "data_samples", out)
+    shutil.copytree(HERE.parent / "data_samples", out)
     sources = list(SOURCES) if shutil.which("espeak-ng") else list(SILENT)
-    jobs = [(str(out), s, "train", record_count(SOURCES[s][0], "train", scale=scale), 0) for s in sources]
-    with get_context("spawn").Pool(len(jobs)) as pool: pool.map(build_and_write, jobs, chunksize=1)
-    return {s: record_count(n, "train", scale=scale if s in sources else 1) for s, (n, _) in SOURCES.items()}
+    for source in sources:
+        for old in (out / "train").glob(f"{source}-*.tar"): old.unlink()
+    jobs = [(str(out), s, SOURCES[s][0], seed) for s in sources for seed in range(scale)]
+    jobs.sort(key=lambda j: -SOURCES[j[1]][0])  # long jobs first
+    with get_context("spawn").Pool(os.cpu_count()) as pool: pool.map(grow_chunk, jobs, chunksize=1)
+    per = len(list((HERE.parent / "data_samples" / "train").glob("scenes-*.tar")))
+    for source in set(SOURCES) - set(sources):  # not generated here: the bundled shards, repeated, so one pattern fits all
+        for seed in range(1, scale):
+            for s in range(per): shutil.copy(out / "train" / f"{source}-{s:06d}.tar", out / "train" / f"{source}-{seed * per + s:06d}.tar")
+    return {s: n * (scale if s in sources else 1) for s, (n, _) in SOURCES.items()}
+
+
+def shard_pattern(folder: Path, split: str) -> str:
+    "A {task} pattern over every shard of `split` in `folder` (the last shard number of the largest source)."
+    last = max(int(p.stem.rsplit("-", 1)[1]) for p in (folder / split).glob("*.tar"))
+    return f"{folder}/{split}/{{task}}-{{000000..{last:06d}}}.tar"
 
 
 def main():
@@ -49,17 +117,26 @@ def main():
     p.add_argument("--scale", type=int, default=1, help="train on K x the bundled train records (generated first)")
     p.add_argument("--data", default="/tmp/r1_data_big", help="where --scale writes the data")
     p.add_argument("--eval-batches", type=int, default=20)
+    p.add_argument("--espeak-debs", help="folder of espeak-ng's .deb files, used where espeak-ng is not installed")
+    p.add_argument("--detach", metavar="LOG", help="run in a new session, output to LOG, and return at once")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
+    if args.detach:
+        argv = [a for i, a in enumerate(sys.argv) if a != "--detach" and sys.argv[i - 1] != "--detach"]
+        with open(args.detach, "w") as log:
+            subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return
     name = f"stages-{args.preset}"
+    if args.espeak_debs and not shutil.which("espeak-ng"):
+        print("espeak-ng unpacked and runnable:", portable_espeak(Path(args.espeak_debs)), flush=True)
     data = []
     grown = {}
     if args.scale > 1:
         t0 = time.perf_counter()
         grown = grow_data(Path(args.data), args.scale)
         print(f"grew train data x{args.scale} in {time.perf_counter() - t0:.0f} s: {grown}", flush=True)
-        data = [f"data.train={args.data}/train/{{task}}-{{000000..000003}}.tar",
-                f"data.val={args.data}/val/{{task}}-{{000000..000001}}.tar", f"data.tokenizer={args.data}/tokenizer.json"]
+        data = [f"data.train={shard_pattern(Path(args.data), 'train')}", f"data.val={shard_pattern(Path(args.data), 'val')}",
+                f"data.tokenizer={args.data}/tokenizer.json"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}",
            "r1_scratch/launch.py", "--preset", args.preset, "--name", name, "--fresh", f"train.out_dir={args.runs}",
            "train.wandb=disabled", *data, *args.overrides]
@@ -69,7 +146,7 @@ def main():
     seconds = time.perf_counter() - t0
     result = dict(command=" ".join(["python", *sys.argv]), launch=" ".join(cmd[2:]), preset=args.preset, gpus=args.gpus,
                   scale=args.scale, train_records=grown, train_seconds=round(seconds, 1))
-    print(train.stdout[-4000:], train.stderr[-3000:], sep="\n")
+    print(train.stdout[-4000:], train.stderr[-3000:], sep="\n", flush=True)
     if train.returncode:
         result["error"] = train.stderr[-3000:]
     run = Path(args.runs) / name

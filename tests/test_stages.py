@@ -9,12 +9,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from r1_scratch.align import MAX_LOGIT_SCALE, align_objective, contrastive_loss, gather_rows, uniformity
+from r1_scratch.align import (MAX_LOGIT_SCALE, align_objective, caption_keys, contrastive_loss, embed_split, gather_rows,
+                              retrieval_metrics, uniformity)
 from r1_scratch.config import get_preset, with_data_root
 from r1_scratch.data import IGNORE_INDEX, TextTokenizer, build_loader
 from r1_scratch.model import PRETRAIN_LOSSES, R1Model
 from r1_scratch.pretrain import batch_modality, patchify, span_mask, uncertainty_weighted
-from r1_scratch.sft import blind_accuracy, final_answer, is_correct, prompts_of, select_rows
+from r1_scratch.config import apply_overrides
+from r1_scratch.sft import (answer_loss_sum, blind_accuracy, count_answers, final_answer, is_correct, prompts_of,
+                            select_rows, sft_stage)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,6 +101,58 @@ def test_contrastive_loss_matches_clip_and_is_lowest_for_matched_pairs():
     assert contrastive_loss(a, a, torch.tensor(100.0)) < 1e-3 < contrastive_loss(a, a.roll(1, 0), torch.tensor(100.0))
 
 
+def test_captions_of_one_class_share_a_key_and_are_positives(cfg):
+    batch = next(iter(build_loader(cfg, "val", {"digits": 1.0}, batch_size=32, num_workers=0)))
+    keys = caption_keys(batch)
+    for i in range(32):
+        for j in range(32):  # same digit <=> same key, although the captions' templates differ
+            assert (keys[i] == keys[j]) == (batch["label"][i] == batch["label"][j])
+    texts = {tuple(batch["text_ids"][i][batch["text_mask"][i]].tolist()) for i in range(32) if batch["label"][i] == batch["label"][0]}
+    assert len(texts) > 1 or sum(l == batch["label"][0] for l in batch["label"]) == 1
+    # without labels, identical captions share a key and different ones do not
+    scenes = next(iter(build_loader(cfg, "val", {"scenes": 1.0}, batch_size=8, num_workers=0)))
+    assert scenes["label"] == [None] * 8 and len(set(caption_keys(scenes).tolist())) == 8
+    # a keyed loss spreads each row's target over every pair with its key (multi-positive), in both directions
+    torch.manual_seed(0)
+    text, image = F.normalize(torch.randn(4, 16), dim=-1), F.normalize(torch.randn(4, 16), dim=-1)
+    keys = torch.tensor([5, 5, 1, 2])
+    target = torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    logits = 10 * text @ image.T
+    expected = -(target * logits.log_softmax(1)).sum(1).mean() / 2 - (target * logits.T.log_softmax(1)).sum(1).mean() / 2
+    assert contrastive_loss(text, image, torch.tensor(10.0), keys).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert contrastive_loss(text, image, torch.tensor(10.0), torch.arange(4)).item() == pytest.approx(
+        contrastive_loss(text, image, torch.tensor(10.0)).item(), rel=1e-6)  # distinct keys: CLIP's one-hot loss
+
+
+def test_retrieval_counts_any_item_of_the_same_class_as_correct(cfg, model):
+    e = embed_split(model, cfg, ["digits"])
+    keyed = retrieval_metrics(e, "image")
+    n = int(e["has_image"].sum())
+    assert keyed["image_chance_R@1"] == pytest.approx(sum((e["keys"] == k).sum().item() ** 2 for k in e["keys"].unique()) / n ** 2)
+    assert 0.08 < keyed["image_chance_R@1"] < 0.13               # ten classes, not one caption per image
+    by_caption = retrieval_metrics({**e, "keys": torch.arange(n)}, "image")
+    assert keyed["image_t2x_R@5"] >= by_caption["image_t2x_R@5"]
+
+
+def test_answer_loss_weighs_every_answer_the_same():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 9, 11)
+    long, short = torch.arange(9) % 11, torch.full((9,), -100)
+    short[-1] = 4                                              # a one-token answer beside an eight-token one
+    labels = torch.stack([long, short])
+    loss, n = answer_loss_sum(logits, labels)
+    tokens = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="none").view(2, 8)
+    assert n == 2 == count_answers({"labels": labels})
+    assert loss.item() == pytest.approx(tokens[0].mean().item() + tokens[1, -1].item(), rel=1e-5)
+    nothing = torch.full((1, 9), -100)                         # a row without an answer is not counted
+    assert answer_loss_sum(logits[:1], nothing)[1] == 0 == count_answers({"labels": nothing})
+
+
+def test_sft_loss_average_is_checked(cfg):
+    with pytest.raises(ValueError, match="loss_average must be one of"):
+        sft_stage(apply_overrides(cfg, ["stages.sft.options.loss_average=tokens"]))
+
+
 def test_uniformity_prefers_spread_embeddings():
     torch.manual_seed(0)
     spread = F.normalize(torch.randn(100, 8), dim=-1)
@@ -122,7 +177,8 @@ def _gather_worker(rank: int, world: int, port: int, queue):
     x, y = torch.randn(8, 6), torch.randn(8, 6)               # the same global batch on both ranks
     rows = [[0, 1, 2], [3, 4, 5, 6, 7]][rank]                 # unequal shares of it
     a, b = F.normalize(x[rows] @ weight, dim=-1), F.normalize(y[rows] @ weight, dim=-1)
-    loss = contrastive_loss(gather_rows(a), gather_rows(b), torch.tensor(5.0)) * len(rows) / 8
+    keys = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5])             # two classes straddle the ranks' shares
+    loss = contrastive_loss(gather_rows(a), gather_rows(b), torch.tensor(5.0), gather_rows(keys[rows])) * len(rows) / 8
     loss.backward()
     dist.all_reduce(weight.grad)                               # what DDP does (it averages; world x loss undoes it)
     queue.put((rank, weight.grad.clone(), len(gather_rows(a))))
@@ -140,7 +196,8 @@ def test_negatives_are_gathered_across_ranks_with_gradients():
     torch.manual_seed(0)
     weight = torch.randn(6, 4, requires_grad=True)
     x, y = torch.randn(8, 6), torch.randn(8, 6)
-    contrastive_loss(F.normalize(x @ weight, dim=-1), F.normalize(y @ weight, dim=-1), torch.tensor(5.0)).backward()
+    contrastive_loss(F.normalize(x @ weight, dim=-1), F.normalize(y @ weight, dim=-1), torch.tensor(5.0),
+                     torch.tensor([0, 0, 1, 2, 3, 3, 4, 5])).backward()
     for rank, grad, rows in results:
         assert rows == 8                                       # every rank compared against all 8 pairs
         torch.testing.assert_close(grad, weight.grad, rtol=1e-5, atol=1e-7)
