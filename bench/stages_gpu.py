@@ -70,23 +70,19 @@ def portable_espeak(debs: Path, where: Path = Path("/tmp/espeak")) -> str:
 
 def grow_chunk(job: tuple) -> int:
     "One (out, source, records, seed) job: a fresh draw of a source's train split as 4 shards numbered by seed."
-    import numpy as np
     import torch
-    from r1_scratch.samples import SHARDS, build_source, write_shard
+    from r1_scratch.samples import SHARDS, build_source, write_source
     out, source, n, seed = job
     torch.set_num_threads(1)
-    records = build_source(source, "train", n, seed)
-    keyed = [(f"{source}-train-{seed:03d}-{i:06d}", r) for i, r in enumerate(records)]
-    per = SHARDS["train"]
-    for s, part in enumerate(np.array_split(np.arange(n), per)):
-        write_shard(Path(out) / "train" / f"{source}-{seed * per + s:06d}.tar", [keyed[j] for j in part])
+    write_source(Path(out), source, "train", build_source(source, "train", n, seed),
+                 first_shard=seed * SHARDS["train"], first_key=seed * n)
     return n
 
 
 def grow_data(out: Path, scale: int) -> dict:
     "data_samples/ copied to `out`, its train split replaced by `scale` independent draws of every source it can make here."
     from multiprocessing import get_context
-    from r1_scratch.samples import SOURCES
+    from r1_scratch.samples import SHARDS, SOURCES
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(HERE.parent / "data_samples", out)
     sources = list(SOURCES) if shutil.which("espeak-ng") else list(SILENT)
@@ -95,7 +91,7 @@ def grow_data(out: Path, scale: int) -> dict:
     jobs = [(str(out), s, SOURCES[s][0], seed) for s in sources for seed in range(scale)]
     jobs.sort(key=lambda j: -SOURCES[j[1]][0])  # long jobs first
     with get_context("spawn").Pool(os.cpu_count()) as pool: pool.map(grow_chunk, jobs, chunksize=1)
-    per = len(list((HERE.parent / "data_samples" / "train").glob("scenes-*.tar")))
+    per = SHARDS["train"]
     for source in set(SOURCES) - set(sources):  # not generated here: the bundled shards, repeated, so one pattern fits all
         for seed in range(1, scale):
             for s in range(per): shutil.copy(out / "train" / f"{source}-{s:06d}.tar", out / "train" / f"{source}-{seed * per + s:06d}.tar")
