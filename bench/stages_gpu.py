@@ -3,6 +3,9 @@ evaluation entry point on the validation split: what `small` reaches on one GPU.
 
     python bench/stages_gpu.py [--preset small] [--gpus 1] [--scale K] [--espeak-debs .espeak] [--out FILE] [key=value ...]
 
+Two variants side by side on a 2-GPU machine: grow the data once (--grow-only), then start each run with its own
+CUDA_VISIBLE_DEVICES, --runs and --out (and --detach); a complete growth of the same scale in --data is reused.
+
 --scale K first generates K independent draws of the bundled train split with the course's own generator (seeds
 0..K-1, so K times the records, 4K shards per source) into --data, in parallel on every core, and trains on that:
 the bundled 2,760 train records are too few for a 154M-parameter model (it overfits them within minutes). The
@@ -14,7 +17,9 @@ a stub for the sound library (pcaudio_stub.c). Without espeak-ng only the silent
 Targets (issue 6): retrieval R@1 >= 0.9 both ways, visual QA >= 0.9, audio QA >= 0.8, in a run of about 20 min.
 The JSON holds the exact command, the wall time of each stage, each stage's summary and the evaluation; it is
 written after training and again after the evaluation. --detach runs everything in a new session writing a log,
-for machines whose single command is shorter than the run.
+for machines whose single command is shorter than the run; watch it by tailing <runs>/stages-<preset>/*/metrics.jsonl.
+Measured on one H200 (--scale 16): growing the data 42 s, stage 1 62 s, stage 2 212 s, stage 3 about 600 s (it is
+input-bound: the GPU sits at ~20%), then the evaluation.
 """
 import argparse
 import json
@@ -95,7 +100,17 @@ def grow_data(out: Path, scale: int) -> dict:
     for source in set(SOURCES) - set(sources):  # not generated here: the bundled shards, repeated, so one pattern fits all
         for seed in range(1, scale):
             for s in range(per): shutil.copy(out / "train" / f"{source}-{s:06d}.tar", out / "train" / f"{source}-{seed * per + s:06d}.tar")
-    return {s: n * (scale if s in sources else 1) for s, (n, _) in SOURCES.items()}
+    grown = {s: n * (scale if s in sources else 1) for s, (n, _) in SOURCES.items()}
+    (out / "grown.json").write_text(json.dumps(dict(scale=scale, records=grown)))  # last: marks the folder complete
+    return grown
+
+
+def grown_before(out: Path, scale: int) -> dict | None:
+    "The record counts of a complete earlier growth of `scale` draws in `out` (two runs can share one), else None."
+    marker = out / "grown.json"
+    if not marker.exists(): return None
+    done = json.loads(marker.read_text())
+    return done["records"] if done["scale"] == scale else None
 
 
 def shard_pattern(folder: Path, split: str) -> str:
@@ -114,6 +129,7 @@ def main():
     p.add_argument("--data", default="/tmp/r1_data_big", help="where --scale writes the data")
     p.add_argument("--eval-batches", type=int, default=20)
     p.add_argument("--espeak-debs", help="folder of espeak-ng's .deb files, used where espeak-ng is not installed")
+    p.add_argument("--grow-only", action="store_true", help="generate the --scale data, then stop (runs after it reuse it)")
     p.add_argument("--detach", metavar="LOG", help="run in a new session, output to LOG, and return at once")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
@@ -129,8 +145,12 @@ def main():
     grown = {}
     if args.scale > 1:
         t0 = time.perf_counter()
-        grown = grow_data(Path(args.data), args.scale)
-        print(f"grew train data x{args.scale} in {time.perf_counter() - t0:.0f} s: {grown}", flush=True)
+        grown = grown_before(Path(args.data), args.scale)
+        if grown: print(f"reusing the x{args.scale} train data in {args.data}", flush=True)
+        else:
+            grown = grow_data(Path(args.data), args.scale)
+            print(f"grew train data x{args.scale} in {time.perf_counter() - t0:.0f} s: {grown}", flush=True)
+        if args.grow_only: return
         data = [f"data.train={shard_pattern(Path(args.data), 'train')}", f"data.val={shard_pattern(Path(args.data), 'val')}",
                 f"data.tokenizer={args.data}/tokenizer.json"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}",

@@ -139,3 +139,20 @@ def test_trainable_prefixes_freeze_the_rest_and_unknown_ones_are_named(tmp_path)
     assert len(trainer.params) < len(list(model.parameters()))
     with pytest.raises(ValueError, match="trainable prefix 'decoder' matches no parameter"):
         Trainer(model, lm_stage(cfg, "sft", trainable=["decoder"]), cfg, tmp_path, callbacks=[])
+
+
+def test_the_last_checkpoint_is_written_before_the_final_evaluation(tmp_path):
+    "A run killed (or crashing) in its closing evaluation keeps its trained weights: the checkpoint comes first."
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    model = torch.nn.Linear(3, 1)
+    def evaluate(m): raise RuntimeError("evaluation died")
+    stage = toy_stage([dict(x=x, y=y)] * 3, grad_accum=1, steps=3)
+    stage.evaluate = evaluate
+    trainer = Trainer(model, stage, toy_cfg("train.ckpt_every=0"), tmp_path / "run", callbacks=[])
+    with pytest.raises(RuntimeError, match="evaluation died"): trainer.fit()
+    latest = Checkpoints(tmp_path / "run" / "checkpoints").latest()
+    assert latest is not None and latest.name == "step_000003"
+    fresh = torch.nn.Linear(3, 1)
+    Checkpoints(tmp_path / "run" / "checkpoints").load(latest, fresh)
+    assert torch.equal(fresh.weight, model.weight)
