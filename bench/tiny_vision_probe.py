@@ -1,4 +1,4 @@
-"""Can the tiny preset's vision encoder see what visual QA asks about? Single-shape scenes, CPU, ~3 min.
+"""Can the tiny preset's vision encoder see what visual QA asks about, and does its decoder read it? CPU, ~3 min.
 
     python bench/tiny_vision_probe.py [--run runs/tiny] [--out bench/results/tiny_vision_probe_cpu.json]
 
@@ -9,13 +9,17 @@ generator (`samples.random_scene`, rendered and decoded exactly as the loader do
 1. Supervised: a fresh vision encoder plus a linear head learns to name the shape (6 classes) for 300 steps, at
    the tiny preset's 32 px and at 64 px (same 8 px patches), with the validation accuracy for small and large
    shapes; and, as the reference that shows the shape is visible at 32 px, a three-layer CNN trained the same way.
-   Each is read out two ways: the mean over the image (how stage 2's contrastive loss reads the encoder) and the
-   max (a detector's readout). A lone shape covers a few percent of the image, and the mean dilutes it.
+   Each is read out two ways: the mean over the image (how stage 2 read the encoder until `model.image_pool`
+   became "max") and the max. A lone shape covers a few percent of the image, and the mean dilutes it.
 2. Frozen: a logistic-regression probe of colour, shape, size and position on the features (mean of the token
    features and the pooled vector) of the vision encoder that stage 2 of a tiny run left (`--run`, the main job's
    output by default; skipped if it has no stage-2 checkpoint), against a fresh encoder and the majority class.
+3. Decoder: what the run's stage-2 encoder knows of the handwritten digits (a logistic-regression probe on 100 and
+   on all 400 train digits, scored on the val digits), next to what its stage-3 model answers to "What digit is
+   this?" and the other visual questions, per kind, on the val split and on the train split it was tuned on.
 """
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
 from r1_scratch.config import apply_overrides, config_from_dict, get_preset
-from r1_scratch.data import decode_image
+from r1_scratch.data import DecodeSpec, SkipCounter, decode_image, decode_record, expand_shards, read_source
 from r1_scratch.launch import find_checkpoint
 from r1_scratch.model import R1Model
 from r1_scratch.samples import SHAPES, png_bytes, random_scene, render_scene
@@ -63,14 +67,12 @@ def small_cnn(classes: int, pool: str = "max") -> torch.nn.Module:
 def shape_accuracy(image_size: int, backbone: str = "vit", pool: str = "mean", steps: int = 300, batch: int = 64) -> dict:
     """Validation accuracy (all, small, large shapes) of a fresh `backbone` ("vit": the tiny vision encoder, or
     "cnn") + linear head trained to name the shape, its features pooled over the image by `pool` (mean or max)."""
-    cfg = apply_overrides(get_preset("tiny"), [f"model.image_size={image_size}"])
+    cfg = apply_overrides(get_preset("tiny"), [f"model.image_size={image_size}", f"model.image_pool={pool}"])
     torch.manual_seed(0)
     if backbone == "vit":
         vision = R1Model(cfg.model).encoders.vision
-        width = 2 * cfg.model.d_model if pool == "mean" else cfg.model.d_model
-        head = torch.nn.Linear(width, len(SHAPES))
-        # "mean": as the probes below and stage 2 read the encoder (mean token, pooled = masked mean)
-        net = lambda x: head(readout(vision(x)) if pool == "mean" else vision(x).tokens.amax(1))
+        head = torch.nn.Linear(cfg.model.d_model, len(SHAPES))
+        net = lambda x: head(vision(x).pooled)  # what stage 2 compares with a caption
         params = [*vision.parameters(), *head.parameters()]
     else:
         net = small_cnn(len(SHAPES), pool); params = list(net.parameters())
@@ -118,6 +120,36 @@ def frozen_probes(run: Path) -> dict | None:
     return dict(checkpoint=str(ckpt), train=n_train, val=len(objects) - n_train, majority=majority, **result)
 
 
+def load_digits(cfg, split: str) -> tuple[torch.Tensor, np.ndarray]:
+    "The handwritten digits of a split of the run's data, decoded as the loader does, and their labels."
+    counter, spec = SkipCounter(), DecodeSpec(cfg.model.image_size)
+    shards = expand_shards(getattr(cfg.data, split).replace("{task}", "digits"))
+    samples = [decode_record(raw, spec, counter, "digits") for raw in read_source("digits", shards, counter, 0, 0, 0)]
+    return torch.stack([s.image for s in samples]), np.array([s.meta["label"] for s in samples])
+
+
+def decoder_reads(run: Path) -> dict | None:
+    "Digit probes of the run's stage-2 encoder beside its stage-3 answers per kind (val and train); None without both."
+    from r1_scratch.sft import answer_accuracy
+    try: align, sft = find_checkpoint(run / "align"), find_checkpoint(run / "sft")
+    except CheckpointError: return None
+    cfg = config_from_dict(json.loads((sft / "meta.json").read_text())["config"])
+    encoder_model = R1Model(cfg.model); Checkpoints(align.parent).load(align, encoder_model)
+    (train_x, train_y), (val_x, val_y) = load_digits(cfg, "train"), load_digits(cfg, "val")
+    with torch.no_grad(): train_f, val_f = (encode(encoder_model.eval(), x).numpy() for x in (train_x, val_x))
+    probe = {f"{n} train digits": round(LogisticRegression(max_iter=3000).fit(train_f[:n], train_y[:n]).score(val_f, val_y), 3)
+             for n in (100, len(train_y))}
+    model = R1Model(cfg.model); Checkpoints(sft.parent).load(sft, model); model.eval()
+    answers = {}
+    for split in ("val", "train"):
+        split_cfg = copy.deepcopy(cfg); split_cfg.data.val = getattr(cfg.data, split)  # answer_accuracy reads data.val
+        r = answer_accuracy(model, split_cfg, "vqa", max_samples=200)
+        answers[split] = dict(accuracy=r["accuracy"], samples=r["samples"],
+                              by_kind={k: v["accuracy"] for k, v in r["by_kind"].items()})
+    return dict(checkpoints=[str(align), str(sft)], stage2_encoder_digit_probe=probe, chance=0.1,
+                stage3_vqa_accuracy=answers)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="runs/tiny", help="a tiny run whose stage-2 checkpoint is probed")
@@ -132,7 +164,7 @@ def main():
                       "tiny vision encoder, max, 32 px": shape_accuracy(32, pool="max"),
                       "small CNN, max, 32 px": shape_accuracy(32, "cnn", "max"),
                       "small CNN, mean, 32 px": shape_accuracy(32, "cnn", "mean")},
-                  frozen_linear_probes=frozen_probes(Path(args.run)))
+                  frozen_linear_probes=frozen_probes(Path(args.run)), decoder=decoder_reads(Path(args.run)))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -3,6 +3,7 @@ evaluation of a checkpoint, and bad input."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from r1_scratch.samples import AUDIO_QUESTION_KINDS, SCENE_QUESTION_KINDS
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "R1_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
@@ -51,6 +54,8 @@ def test_launch_trains_and_writes_the_run(unbroken):
     report = (run / "report.md").read_text()
     assert "| sft | 8 |" in report and "| pretrain | 2 |" in report and "| align | 2 |" in result.stdout
     assert "image R@1 text→image" in report and "(chance 0.0" in report and "vqa accuracy" in report
+    shown = re.search(r"vqa by kind: ([^;]+);", report).group(1)  # e.g. "count 0.00, digit 1.00"
+    assert {part.split()[0] for part in shown.split(", ")} <= {*SCENE_QUESTION_KINDS, "digit"}
     align = json.loads((run / "align" / "summary.json").read_text())
     assert align["val_image_pairs"] == 180 and align["val_audio_pairs"] == 40  # every captioned val sample
     pretrain = json.loads((run / "pretrain" / "summary.json").read_text())
@@ -96,6 +101,12 @@ def test_eval_prints_every_stage_metric_as_json(unbroken):
     assert retrieval["image_chance_R@1"] < 0.05
     assert sorted(result["answers"]) == ["audio_qa", "reasoning", "vqa"]
     assert all(a["samples"] == 40 and 0 <= a["accuracy"] <= 1 for a in (result["answers"][t] for t in ("audio_qa", "reasoning")))
+    for task, kinds in {"vqa": (*SCENE_QUESTION_KINDS, "digit"), "audio_qa": AUDIO_QUESTION_KINDS}.items():
+        answers = result["answers"][task]
+        by_kind = answers["by_kind"]
+        assert sorted(by_kind) == sorted(kinds) and sum(k["samples"] for k in by_kind.values()) == answers["samples"]
+        overall = sum(k["accuracy"] * k["samples"] for k in by_kind.values()) / answers["samples"]
+        assert abs(overall - answers["accuracy"]) < 1e-3  # the kinds split the same answers, nothing lost or counted twice
     one = json.loads(launch("--eval", str(run), "--batches", "1",
                             "--shards", str(REPO / "data_samples/val/vqa-{000000..000001}.tar")).stdout)
     assert list(one["language_model"]["tasks"]) == ["all"] and list(one["answers"]) == ["vqa"]

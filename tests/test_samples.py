@@ -105,6 +105,23 @@ def test_answers_are_closed_sets_and_checkable(committed):
     assert 0.4 < sum(p["has_png"] for p in problems) / len(problems) < 0.6
 
 
+QUESTION_KINDS = {"vqa": (*samples.SCENE_QUESTION_KINDS, "digit"), "audio_qa": samples.AUDIO_QUESTION_KINDS,
+                  "reasoning": samples.REASONING_KINDS}
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_every_question_names_its_kind_and_the_kind_fits_the_question(committed, split):
+    for source, kinds in QUESTION_KINDS.items():
+        metas = [json.loads(m["json"]) for m in committed[split, source].values()]
+        assert {m["kind"] for m in metas} == set(kinds), source  # every kind occurs, no other
+    checks = {"shape_at": lambda m: m["answer"] in samples.SHAPES and m["instruction"].startswith("What shape is"),
+              "colour_present": lambda m: m["answer"] in ("yes", "no"),
+              "digit": lambda m: m["source"] == "sklearn-digits" and m["answer"].isdigit()}
+    for meta in (json.loads(m["json"]) for m in committed[split, "vqa"].values()):
+        if meta["kind"] in checks: assert checks[meta["kind"]](meta), meta
+    for meta in (json.loads(m["json"]) for m in committed[split, "audio_qa"].values()):
+        assert (meta["kind"] == "speed") == (meta["answer"] in ("fast", "slow")), meta
+
+
 def test_about_half_the_instructions_carry_audio(committed):
     records = committed["train", "instruct"].values()
     share = sum("flac" in m for m in records) / len(records)
