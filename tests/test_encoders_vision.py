@@ -90,7 +90,18 @@ def test_encoder_any_patchable_size(mcfg, H, W):
     n = (H // 8) * (W // 8)
     assert out.tokens.shape == (2, n, mcfg.d_model) and out.mask.shape == (2, n) and out.mask.all()
     assert out.pooled.shape == (2, mcfg.d_model) and out.tokens.isfinite().all()
-    torch.testing.assert_close(out.pooled, out.tokens.mean(1))
+    torch.testing.assert_close(out.pooled, out.tokens.amax(1))  # the presets pool images by the max
+
+
+@pytest.mark.parametrize("pool", ["mean", "max"])
+def test_image_pool_chooses_the_pooled_vector_and_a_missing_image_pools_to_zero(mcfg, pool):
+    torch.manual_seed(0)
+    enc = VisionEncoder(dataclasses.replace(mcfg, image_pool=pool)).eval()
+    with torch.no_grad():
+        out = enc(torch.rand(3, 3, 32, 32), has_image=torch.tensor([True, False, True]))
+    expected = out.tokens.mean(1) if pool == "mean" else out.tokens.amax(1)
+    torch.testing.assert_close(out.pooled[[0, 2]], expected[[0, 2]])
+    assert out.pooled[1].abs().max() == 0
 
 
 def test_odd_size_with_windows_and_shift_at_small_patch(mcfg):
