@@ -6,7 +6,9 @@ budget lift its answers above the blind bar? CPU, ~4.5 min per 400-step variant.
 Each variant loads the same stage-2 checkpoint (`--run`, the main job's output by default), applies its overrides
 to the run's own config, trains stage 3 from the same seed, and scores visual and audio QA per kind of question
 on the val split, and visual QA on the train split it was tuned on (can it fit what it saw?). The default variant
-is the launch's own stage 3, so its numbers repeat the launch's report.
+is the launch's own stage 3, so its numbers repeat the launch's report. "visual QA only" asks whether the decoder
+can learn to read images at all when every answer is a visual one; "vision encoder trained" lets stage 3 tune
+the vision encoder too (which `15_stage3_sft` shows can undo stage 2's retrieval).
 """
 import argparse
 import copy
@@ -29,6 +31,8 @@ VARIANTS = {
     "800 steps": ["stages.sft.steps=800"],
     "no expert dropout": ["stages.sft.options.expert_dropout=0"],
     "QA-heavy mixture": ["stages.sft.mixture={instruct: 0.3, reasoning: 0.1, vqa: 0.4, audio_qa: 0.2}"],
+    "visual QA only": ["stages.sft.mixture={vqa: 1.0}"],
+    "vision encoder trained": ["stages.sft.trainable=[inputs, blocks, norm, lm_head, encoders.vision]"],
 }
 
 

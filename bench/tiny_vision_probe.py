@@ -1,4 +1,4 @@
-"""Can the tiny preset's vision encoder see what visual QA asks about, and does its decoder read it? CPU, ~3 min.
+"""Can the tiny preset's vision encoder see what visual QA asks about, and does its decoder read it? CPU, ~5 min.
 
     python bench/tiny_vision_probe.py [--run runs/tiny] [--out bench/results/tiny_vision_probe_cpu.json]
 
@@ -10,7 +10,9 @@ generator (`samples.random_scene`, rendered and decoded exactly as the loader do
    the tiny preset's 32 px and at 64 px (same 8 px patches), with the validation accuracy for small and large
    shapes; and, as the reference that shows the shape is visible at 32 px, a three-layer CNN trained the same way.
    Each is read out two ways: the mean over the image (how stage 2 read the encoder until `model.image_pool`
-   became "max") and the max. A lone shape covers a few percent of the image, and the mean dilutes it.
+   became "max") and the max. A lone shape covers a few percent of the image, and the mean dilutes it. The ViT
+   also runs with `model.patch_stem="conv"` (3x3 stride-2 convolutions instead of one Linear per patch), at both
+   sizes.
 2. Frozen: a logistic-regression probe of colour, shape, size and position on the features (mean of the token
    features and the pooled vector) of the vision encoder that stage 2 of a tiny run left (`--run`, the main job's
    output by default; skipped if it has no stage-2 checkpoint), against a fresh encoder and the majority class.
@@ -64,10 +66,13 @@ def small_cnn(classes: int, pool: str = "max") -> torch.nn.Module:
                                torch.nn.Linear(64, classes))
 
 
-def shape_accuracy(image_size: int, backbone: str = "vit", pool: str = "mean", steps: int = 300, batch: int = 64) -> dict:
-    """Validation accuracy (all, small, large shapes) of a fresh `backbone` ("vit": the tiny vision encoder, or
-    "cnn") + linear head trained to name the shape, its features pooled over the image by `pool` (mean or max)."""
-    cfg = apply_overrides(get_preset("tiny"), [f"model.image_size={image_size}", f"model.image_pool={pool}"])
+def shape_accuracy(image_size: int, backbone: str = "vit", pool: str = "mean", steps: int = 300, batch: int = 64,
+                   stem: str = "linear") -> dict:
+    """Validation accuracy (all, small, large shapes) of a fresh `backbone` ("vit": the tiny vision encoder with
+    patches embedded by `stem`, or "cnn") + linear head trained to name the shape, its features pooled over the
+    image by `pool` (mean or max)."""
+    cfg = apply_overrides(get_preset("tiny"), [f"model.image_size={image_size}", f"model.image_pool={pool}",
+                                               f"model.patch_stem={stem}"])
     torch.manual_seed(0)
     if backbone == "vit":
         vision = R1Model(cfg.model).encoders.vision
@@ -162,6 +167,9 @@ def main():
                       "tiny vision encoder, mean, 32 px": shape_accuracy(32),
                       "tiny vision encoder, mean, 64 px": shape_accuracy(64),
                       "tiny vision encoder, max, 32 px": shape_accuracy(32, pool="max"),
+                      "tiny vision encoder, max, 64 px": shape_accuracy(64, pool="max"),
+                      "tiny vision encoder, conv stem, max, 32 px": shape_accuracy(32, pool="max", stem="conv"),
+                      "tiny vision encoder, conv stem, max, 64 px": shape_accuracy(64, pool="max", stem="conv"),
                       "small CNN, max, 32 px": shape_accuracy(32, "cnn", "max"),
                       "small CNN, mean, 32 px": shape_accuracy(32, "cnn", "mean")},
                   frozen_linear_probes=frozen_probes(Path(args.run)), decoder=decoder_reads(Path(args.run)))

@@ -144,6 +144,7 @@ def align_stage(cfg: Config, name: str = "align", **overrides) -> Stage:
     loader = build_loader(cfg, "train", mixture, batch_size=st.batch_size, max_tokens=st.max_tokens)
     kw = dict(name=name, loader=loader, count=count_pairs, steps=st.steps or cfg.train.max_steps, lr=st.lr or cfg.train.lr,
               grad_accum=st.grad_accum or 1, trainable=st.trainable or (["encoders"] + (["heads.logit_scale"] if learnable else [])),
+              lr_scale=st.lr_scale,
               loss=partial(align_loss, temperature=temperature, uniformity_weight=st.options.get("uniformity", 0.1)),
               evaluate=partial(align_evaluate, cfg=cfg, sources=list(mixture)))
     return Stage(**{**kw, **overrides})

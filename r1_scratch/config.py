@@ -107,6 +107,7 @@ class ModelConfig:
     window_size: int = 4                 # local attention window, in patches
     image_channels: int = 3
     image_pool: Literal["mean", "max"] = "max"  # one vector per image: max keeps a small object (05_vision_encoder)
+    patch_stem: Literal["linear", "conv"] = "linear"  # patches by one Linear (ViT) or 3x3 stride-2 convs (05_vision_encoder)
     sample_rate: int = 16000             # audio is resampled to this
     n_mels: int = 40
     n_fft: int = 400                     # 25 ms at 16 kHz
@@ -173,6 +174,9 @@ def check_model(m: ModelConfig) -> ModelConfig:
     _require(m.n_heads * m.head_dim == m.d_model,
              f"model.n_heads={m.n_heads} x model.head_dim={m.head_dim} = {m.n_heads * m.head_dim} but "
              f"model.d_model={m.d_model}: set model.head_dim={m.d_model // m.n_heads} too")
+    _require(m.patch_stem == "linear" or (m.patch_size >= 2 and m.patch_size & (m.patch_size - 1) == 0),
+             f"model.patch_stem='conv' halves the image log2(patch_size) times: model.patch_size={m.patch_size} "
+             "must be a power of two")
     _require(m.image_size % m.patch_size == 0,
              f"model.patch_size={m.patch_size} does not divide model.image_size={m.image_size}")
     grid = m.image_size // m.patch_size
@@ -274,6 +278,7 @@ class StageConfig:
     steps: Optional[int] = None          # None = train.max_steps
     lr: Optional[float] = None
     trainable: list[str] = field(default_factory=list)      # module-name prefixes; empty = everything
+    lr_scale: dict[str, float] = field(default_factory=dict)  # module-name prefix -> multiplier of lr (a slower encoder)
     mixture: dict[str, float] = field(default_factory=dict)  # empty = data.mixture
     batch_size: Optional[int] = None
     max_tokens: Optional[int] = None
@@ -285,6 +290,7 @@ def check_stage(st: StageConfig, where: str, data: DataConfig) -> StageConfig:
     check_fields(st, where)
     _check_counts(st, where)
     _require(st.lr is None or st.lr > 0, f"{where}.lr must be positive, got {st.lr}")
+    _require(all(v > 0 for v in st.lr_scale.values()), f"{where}.lr_scale multipliers must be positive, got {st.lr_scale}")
     check_mixture(st.mixture, f"{where}.mixture", empty_ok=True)
     _require(st.max_tokens is None or st.max_tokens >= data.max_text_tokens,
              f"{where}.max_tokens={st.max_tokens} is below data.max_text_tokens={data.max_text_tokens}")

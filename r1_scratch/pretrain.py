@@ -150,7 +150,7 @@ def pretrain_stage(cfg: Config, name: str = "pretrain", **overrides) -> Stage:
                           one_source_per_batch=True)
     kw = dict(name=name, loader=loader, loss=partial(pretrain_loss, tok=tok, **options), count=one_per_batch,
               steps=st.steps or cfg.train.max_steps, lr=st.lr or cfg.train.lr, grad_accum=st.grad_accum or cfg.train.grad_accum,
-              trainable=st.trainable,
+              trainable=st.trainable, lr_scale=st.lr_scale,
               evaluate=partial(pretrain_evaluate, cfg=cfg, sources=list(mixture), tok=tok, options=options,
                                max_batches=st.options.get("eval_batches", 4)))
     return Stage(**{**kw, **overrides})

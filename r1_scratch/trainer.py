@@ -29,11 +29,11 @@ from .moe import moe_end_step
 log = logging.getLogger("r1_scratch.trainer")
 
 # %% auto #0
-__all__ = ['log', 'Runtime', 'resolve_precision', 'local_runtime', 'autocast', 'Stage', 'set_trainable', 'make_optimizer',
-           'lr_lambda', 'CheckpointError', 'check_compatible', 'save_weights', 'load_weights', 'Checkpoints',
-           'Callback', 'Progress', 'JsonLines', 'WandB', 'Plots', 'plot_metrics', 'NonFiniteError', 'StepResult',
-           'Trainer', 'unwrap', 'default_callbacks', 'steady_throughput', 'to_device', 'lm_loss', 'lm_evaluate',
-           'lm_stage']
+__all__ = ['log', 'Runtime', 'resolve_precision', 'local_runtime', 'autocast', 'Stage', 'set_trainable', 'lr_multiplier',
+           'make_optimizer', 'lr_lambda', 'CheckpointError', 'check_compatible', 'save_weights', 'load_weights',
+           'Checkpoints', 'Callback', 'Progress', 'JsonLines', 'WandB', 'Plots', 'plot_metrics', 'NonFiniteError',
+           'StepResult', 'Trainer', 'unwrap', 'default_callbacks', 'steady_throughput', 'to_device', 'lm_loss',
+           'lm_evaluate', 'lm_stage']
 
 # %% ../nbs/11_trainer.ipynb #315f6b17
 @dataclass
@@ -81,6 +81,7 @@ class Stage:
     lr: float
     grad_accum: int = 1
     trainable: list[str] = field(default_factory=list)  # parameter-name prefixes; [] = everything
+    lr_scale: dict[str, float] = field(default_factory=dict)  # parameter-name prefix -> multiplier of lr
     evaluate: Callable | None = None                 # (model) -> metrics dict, on held-out data
     setup: Callable | None = None                    # (model) -> None, before training (e.g. expert dropout)
     flops: Callable | None = None                    # (model, batch) -> training FLOPs of the batch, for MFU
@@ -100,12 +101,23 @@ def set_trainable(model: nn.Module, prefixes: list[str]) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 # %% ../nbs/11_trainer.ipynb #1bf84a32
-def make_optimizer(params: list[nn.Parameter], model: nn.Module, lr: float, t: TrainConfig, device: torch.device):
-    "AdamW; weight decay on matrices except embeddings; fused on CUDA."
-    names = {id(p): n for n, p in model.named_parameters()}
-    decay = [p for p in params if p.dim() >= 2 and "embedding" not in names[id(p)]]
-    rest = [p for p in params if not (p.dim() >= 2 and "embedding" not in names[id(p)])]
-    groups = [dict(params=decay, weight_decay=t.weight_decay), dict(params=rest, weight_decay=0.0)]
+def lr_multiplier(name: str, lr_scale: dict[str, float]) -> float:
+    "The multiplier of the longest prefix in `lr_scale` that starts `name`; 1 where none does."
+    hits = [prefix for prefix in lr_scale if name.startswith(prefix)]
+    return lr_scale[max(hits, key=len)] if hits else 1.0
+
+def make_optimizer(params: list[nn.Parameter], model: nn.Module, lr: float, t: TrainConfig, device: torch.device,
+                   lr_scale: dict[str, float] | None = None):
+    "AdamW; weight decay on matrices except embeddings; lr times lr_scale[prefix] under a prefix; fused on CUDA."
+    names, lr_scale = {id(p): n for n, p in model.named_parameters()}, lr_scale or {}
+    unused = [prefix for prefix in lr_scale if not any(names[id(p)].startswith(prefix) for p in params)]
+    if unused: raise ValueError(f"lr_scale prefix {unused[0]!r} matches no trainable parameter")
+    decays = lambda p: p.dim() >= 2 and "embedding" not in names[id(p)]
+    groups = []  # decay then no decay for each multiplier, 1 first: without lr_scale, the two groups of old checkpoints
+    for scale in [1.0, *sorted(set(lr_scale.values()) - {1.0})]:
+        mine = [p for p in params if lr_multiplier(names[id(p)], lr_scale) == scale]
+        groups += [dict(params=[p for p in mine if decays(p)], weight_decay=t.weight_decay, lr=lr * scale),
+                   dict(params=[p for p in mine if not decays(p)], weight_decay=0.0, lr=lr * scale)]
     return torch.optim.AdamW(groups, lr=lr, betas=t.betas, fused=device.type == "cuda")
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -291,7 +303,7 @@ class Trainer:
         self.model = model                               # possibly compiled and DDP-wrapped
         self.module = unwrap(model)                      # the bare model
         self.params = set_trainable(self.module, stage.trainable)
-        self.optimizer = make_optimizer(self.params, self.module, stage.lr, self.t, self.rt.device)
+        self.optimizer = make_optimizer(self.params, self.module, stage.lr, self.t, self.rt.device, stage.lr_scale)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_lambda(
             s, min(self.t.warmup_steps, stage.steps), stage.steps, self.t.min_lr_ratio))
         self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.precision == "fp16")
@@ -481,6 +493,6 @@ def lm_stage(cfg: Config, name: str, **overrides) -> Stage:
     expert_dropout = st.options.get("expert_dropout")
     setup = (lambda model: model.set_expert_dropout(expert_dropout)) if expert_dropout is not None else None
     kw = dict(name=name, loader=loader, loss=lm_loss, count=count_targets, steps=st.steps or cfg.train.max_steps,
-              lr=st.lr or cfg.train.lr, grad_accum=st.grad_accum or cfg.train.grad_accum, trainable=st.trainable,
+              lr=st.lr or cfg.train.lr, grad_accum=st.grad_accum or cfg.train.grad_accum, trainable=st.trainable, lr_scale=st.lr_scale,
               evaluate=val, setup=setup, flops=model_flops, tokens=count_tokens)
     return Stage(**{**kw, **overrides})

@@ -10,17 +10,27 @@ import torch.nn.functional as F
 from .layers import POOLS, EncoderOutput, TransformerBlock, init_weights, make_norm
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'PatchEmbed', 'sincos_2d', 'window_partition', 'window_unpartition', 'window_shifts',
-           'window_labels', 'window_mask', 'padded_size', 'partition_mask', 'apply_in_windows', 'VisionBlock',
-           'block_kinds', 'VisionEncoder']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'conv_stem', 'PatchEmbed', 'sincos_2d', 'window_partition', 'window_unpartition',
+           'window_shifts', 'window_labels', 'window_mask', 'padded_size', 'partition_mask', 'apply_in_windows',
+           'VisionBlock', 'block_kinds', 'VisionEncoder']
 
 # %% ../nbs/05_vision_encoder.ipynb #0db6c9b3
+def conv_stem(channels: int, dim: int, patch: int) -> nn.Sequential:
+    "log2(patch) 3x3 stride-2 convolutions (widths doubling up to dim) and a 1x1 to dim: one token per patch, as the Linear."
+    n = patch.bit_length() - 1
+    widths = [channels] + [max(dim >> (n - 1 - i), 16) for i in range(n)]
+    layers = []
+    for a, b in zip(widths, widths[1:]): layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), nn.GELU()]
+    return nn.Sequential(*layers, nn.Conv2d(widths[-1], dim, 1))
+
 class PatchEmbed(nn.Module):
     "Cut images into patch×patch squares and project each: (B, C, H, W) -> (B, h*w, D) and the grid (h, w)."
-    def __init__(self, channels: int, dim: int, patch: int):
+    def __init__(self, channels: int, dim: int, patch: int, stem: str = "linear"):
         super().__init__()
         self.patch = patch
-        self.proj = nn.Conv2d(channels, dim, kernel_size=patch, stride=patch)  # = one Linear per patch
+        if stem == "conv" and (patch < 2 or patch & (patch - 1)): raise ValueError(f"a conv stem needs a power-of-two patch, not {patch}")
+        self.proj = (nn.Conv2d(channels, dim, kernel_size=patch, stride=patch) if stem == "linear"  # = one Linear per patch
+                     else conv_stem(channels, dim, patch))
 
     def forward(self, images):
         H, W = images.shape[-2:]
@@ -133,7 +143,7 @@ class VisionEncoder(nn.Module):
         self.pool = POOLS[mcfg.image_pool]  # max: a small object survives pooling (see below)
         mean, std = (torch.tensor(s[: mcfg.image_channels]).view(-1, 1, 1) for s in (IMAGENET_MEAN, IMAGENET_STD))
         self.register_buffer("mean", mean, persistent=False); self.register_buffer("std", std, persistent=False)
-        self.patch_embed = PatchEmbed(mcfg.image_channels, self.dim, self.patch)
+        self.patch_embed = PatchEmbed(mcfg.image_channels, self.dim, self.patch, mcfg.patch_stem)
         self.blocks = nn.ModuleList(
             VisionBlock(self.dim, mcfg.n_heads, mcfg.expert_hidden, w, s, mlp_kind, "rms", mcfg.dropout)
             for w, s in block_kinds(mcfg.vision_layers, self.window, shift, global_every))

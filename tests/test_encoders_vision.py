@@ -150,3 +150,25 @@ def test_presets_build_on_meta():
         with torch.device("meta"):
             enc = VisionEncoder(get_preset(preset).model)
         assert sum(p.numel() for p in enc.parameters()) > 1e6
+
+
+def test_conv_stem_keeps_one_token_per_patch_in_place(mcfg):
+    "model.patch_stem='conv': the same grid, and token (r, c) sees its own patch and neighbours, not the far side."
+    torch.manual_seed(0)
+    stem = PatchEmbed(3, mcfg.d_model, 8, stem="conv").eval()
+    images = torch.rand(1, 3, 32, 48)
+    changed = images.clone(); changed[..., 24:32, 40:48] = 0  # the bottom-right patch only
+    with torch.no_grad():
+        (a, grid), (b, _) = stem(images), stem(changed)
+    assert grid == (4, 6) and a.shape == (1, 24, mcfg.d_model)
+    moved = (a - b).abs().amax(-1).view(4, 6)
+    assert moved[3, 5] > 0 and moved[:2, :4].max() == 0  # far patches are untouched
+
+
+def test_conv_stem_needs_a_power_of_two_patch():
+    from r1_scratch.config import ConfigError, apply_overrides
+    with pytest.raises(ConfigError, match="power of two"):
+        apply_overrides(get_preset("tiny"), ["model.patch_stem=conv", "model.image_size=36", "model.patch_size=6"])
+    cfg = apply_overrides(get_preset("tiny"), ["model.patch_stem=conv"])
+    out = VisionEncoder(cfg.model)(torch.rand(2, 3, 32, 32))
+    assert out.tokens.shape == (2, 16, cfg.model.d_model) and out.tokens.isfinite().all()
