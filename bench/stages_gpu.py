@@ -17,12 +17,11 @@ a stub for the sound library (pcaudio_stub.c). Without espeak-ng only the silent
 Targets (issue 6): retrieval R@1 >= 0.9 both ways, visual QA >= 0.9, audio QA >= 0.8, in a run of about 20 min.
 The JSON holds the exact command, the wall time of each stage, each stage's summary and the evaluation; it is
 written after training and again after the evaluation. Where stage 3 trains an encoder, each retrieval target also
-gets the final model's R@1 (`reached_final_model`). --train-answers also scores the questions of the train split
-it was tuned on (`train_answers`): a kind of question that fails there too was never learned, rather than not
-generalised. --detach runs everything in a new session writing a log, for machines whose single command is shorter
-than the run, and prints the run's process id: the run has ended when its JSON holds `finished_at`, or when that
-process is gone or a zombie (a crash); tail <runs>/stages-<preset>/*/metrics.jsonl to watch it. Options and
-key=value overrides may come in any order.
+gets the final model's R@1 (`reached_final_model`). --train-answers also scores up to 64 questions per task of the
+train split it was tuned on (`train_answers`): a kind of question that fails there too was never learned, rather
+than not generalised. --detach runs everything in a new session writing a log, for machines whose single command is
+shorter than the run, and prints the run's process id: the run has ended when that process is gone or a zombie;
+tail <runs>/stages-<preset>/*/metrics.jsonl to watch it. Options and key=value overrides may come in any order.
 Measured on one H200 (--scale 16): growing the data 42-44 s, stage 1 60 s, stage 2 140-212 s, stage 3 594 s, then
 the evaluation (~1 min). Stage 3 keeps the GPU at a median 24% busy, and 12 loader workers instead of the preset's 4
 did not speed it up (46.7K vs 44K tokens/s), so its bottleneck is not the loader's worker count; it is not yet
@@ -37,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from r1_scratch.config import get_preset
+from r1_scratch.config import load_config
 
 TARGETS = {"image_t2x_R@1": 0.9, "image_x2t_R@1": 0.9, "audio_t2x_R@1": 0.9, "audio_x2t_R@1": 0.9,
            "vqa_accuracy": 0.9, "audio_qa_accuracy": 0.8}
@@ -143,11 +142,12 @@ def main():
     p.add_argument("--detach", metavar="LOG", help="run in a new session, output to LOG, and return at once")
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args()  # key=value overrides may sit between options
-    if args.detach:
-        argv = [a for i, a in enumerate(sys.argv) if a != "--detach" and sys.argv[i - 1] != "--detach"]
+    if args.grow_only and args.scale < 2: p.error("--grow-only needs --scale 2 or more (scale 1 is the bundled data)")
+    if args.detach and not os.environ.get("R1_STAGES_DETACHED"):  # the child runs the same argv, and must not detach
         with open(args.detach, "w") as log:
-            child = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        print(child.pid)  # for the watcher: `kill -0 PID` fails once the run has ended, however it ended
+            child = subprocess.Popen([sys.executable, *sys.argv], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, "R1_STAGES_DETACHED": "1"})
+        print(child.pid)  # for a watcher: the run has ended when this process is gone or a zombie (`ps -o stat`)
         return
     name = f"stages-{args.preset}"
     if args.espeak_debs and not shutil.which("espeak-ng"):
@@ -201,11 +201,11 @@ def main():
             for key, target in result["targets"].items():  # stage 3 may train an encoder: retrieval of the final model
                 if "R@1" in key: target["reached_final_model"] = metrics.get("retrieval", {}).get(key)
         if args.train_answers:  # can the model answer the questions it was tuned on? (fitting vs generalising)
-            train_pattern = data[0].split("=", 1)[1] if data else get_preset(args.preset).data.train
+            train_pattern = load_config(run / "config.yaml").data.train  # the launch's own, overrides included
             ev = subprocess.run([sys.executable, "-m", "r1_scratch.launch", "--eval", str(run), "--shards", train_pattern,
                                  "--batches", "2"], capture_output=True, text=True, env=env)
             result["train_answers"] = json.loads(ev.stdout)["answers"] if not ev.returncode else {"error": ev.stderr[-3000:]}
-    result["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")  # the last write: a watcher may stop here
+    result["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result.get(k) for k in ("train_seconds", "targets")}, indent=1))
 

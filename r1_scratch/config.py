@@ -290,7 +290,8 @@ def check_stage(st: StageConfig, where: str, data: DataConfig) -> StageConfig:
     check_fields(st, where)
     _check_counts(st, where)
     _require(st.lr is None or st.lr > 0, f"{where}.lr must be positive, got {st.lr}")
-    _require(all(v > 0 for v in st.lr_scale.values()), f"{where}.lr_scale multipliers must be positive, got {st.lr_scale}")
+    _require(all(0 < v < math.inf for v in st.lr_scale.values()),
+             f"{where}.lr_scale multipliers must be positive and finite, got {st.lr_scale}")
     check_mixture(st.mixture, f"{where}.mixture", empty_ok=True)
     _require(st.max_tokens is None or st.max_tokens >= data.max_text_tokens,
              f"{where}.max_tokens={st.max_tokens} is below data.max_text_tokens={data.max_text_tokens}")

@@ -30,10 +30,10 @@ log = logging.getLogger("r1_scratch.trainer")
 
 # %% auto #0
 __all__ = ['log', 'Runtime', 'resolve_precision', 'local_runtime', 'autocast', 'Stage', 'set_trainable', 'lr_multiplier',
-           'make_optimizer', 'lr_lambda', 'CheckpointError', 'check_compatible', 'save_weights', 'load_weights',
-           'Checkpoints', 'Callback', 'Progress', 'JsonLines', 'WandB', 'Plots', 'plot_metrics', 'NonFiniteError',
-           'StepResult', 'Trainer', 'unwrap', 'default_callbacks', 'steady_throughput', 'to_device', 'lm_loss',
-           'lm_evaluate', 'lm_stage']
+           'tied_multiplier', 'make_optimizer', 'lr_lambda', 'CheckpointError', 'check_compatible', 'save_weights',
+           'load_weights', 'Checkpoints', 'Callback', 'Progress', 'JsonLines', 'WandB', 'Plots', 'plot_metrics',
+           'NonFiniteError', 'StepResult', 'Trainer', 'unwrap', 'default_callbacks', 'steady_throughput', 'to_device',
+           'lm_loss', 'lm_evaluate', 'lm_stage']
 
 # %% ../nbs/11_trainer.ipynb #315f6b17
 @dataclass
@@ -106,16 +106,24 @@ def lr_multiplier(name: str, lr_scale: dict[str, float]) -> float:
     hits = [prefix for prefix in lr_scale if name.startswith(prefix)]
     return lr_scale[max(hits, key=len)] if hits else 1.0
 
+def tied_multiplier(names: list[str], lr_scale: dict[str, float]) -> float:
+    "The multiplier of a parameter known by `names` (a tied weight has several): one for every name a prefix matches."
+    scales = {lr_multiplier(n, lr_scale) for n in names if any(n.startswith(x) for x in lr_scale)} or {1.0}
+    if len(scales) > 1: raise ValueError(f"lr_scale gives the tied weight {names} several multipliers {sorted(scales)}")
+    return scales.pop()
+
 def make_optimizer(params: list[nn.Parameter], model: nn.Module, lr: float, t: TrainConfig, device: torch.device,
                    lr_scale: dict[str, float] | None = None):
     "AdamW; weight decay on matrices except embeddings; lr times lr_scale[prefix] under a prefix; fused on CUDA."
-    names, lr_scale = {id(p): n for n, p in model.named_parameters()}, lr_scale or {}
-    unused = [prefix for prefix in lr_scale if not any(names[id(p)].startswith(prefix) for p in params)]
+    lr_scale, names = lr_scale or {}, {}
+    for n, p in model.named_parameters(remove_duplicate=False): names.setdefault(id(p), []).append(n)  # tied: all names
+    unused = [prefix for prefix in lr_scale if not any(n.startswith(prefix) for p in params for n in names[id(p)])]
     if unused: raise ValueError(f"lr_scale prefix {unused[0]!r} matches no trainable parameter")
-    decays = lambda p: p.dim() >= 2 and "embedding" not in names[id(p)]
+    scale_of = {id(p): tied_multiplier(names[id(p)], lr_scale) for p in params}
+    decays = lambda p: p.dim() >= 2 and "embedding" not in names[id(p)][0]
     groups = []  # decay then no decay for each multiplier, 1 first: without lr_scale, the two groups of old checkpoints
     for scale in [1.0, *sorted(set(lr_scale.values()) - {1.0})]:
-        mine = [p for p in params if lr_multiplier(names[id(p)], lr_scale) == scale]
+        mine = [p for p in params if scale_of[id(p)] == scale]
         groups += [dict(params=[p for p in mine if decays(p)], weight_decay=t.weight_decay, lr=lr * scale),
                    dict(params=[p for p in mine if not decays(p)], weight_decay=0.0, lr=lr * scale)]
     return torch.optim.AdamW(groups, lr=lr, betas=t.betas, fused=device.type == "cuda")
@@ -359,6 +367,11 @@ class Trainer:
         path = self.checkpoints.latest()
         if path is None: return False
         state, meta = self.checkpoints.load(path, self.module, self.rt)
+        groups = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+        if groups != [len(g["params"]) for g in self.optimizer.param_groups]:  # else torch maps states to wrong tensors
+            raise CheckpointError(f"{path}: its optimizer holds parameter groups of sizes {groups}, this stage's "
+                                  f"{[len(g['params']) for g in self.optimizer.param_groups]}: were the stage's trainable "
+                                  "or lr_scale changed? Resume with the settings it was saved with, or start the stage afresh.")
         self.optimizer.load_state_dict(state["optimizer"]); self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if "loader" in meta and hasattr(self.stage.loader, "load_state_dict"): self.stage.loader.load_state_dict(meta["loader"])

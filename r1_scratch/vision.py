@@ -28,6 +28,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, channels: int, dim: int, patch: int, stem: str = "linear"):
         super().__init__()
         self.patch = patch
+        if stem not in ("linear", "conv"): raise ValueError(f"stem must be 'linear' or 'conv', not {stem!r}")
         if stem == "conv" and (patch < 2 or patch & (patch - 1)): raise ValueError(f"a conv stem needs a power-of-two patch, not {patch}")
         self.proj = (nn.Conv2d(channels, dim, kernel_size=patch, stride=patch) if stem == "linear"  # = one Linear per patch
                      else conv_stem(channels, dim, patch))

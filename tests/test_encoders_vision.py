@@ -153,7 +153,7 @@ def test_presets_build_on_meta():
 
 
 def test_conv_stem_keeps_one_token_per_patch_in_place(mcfg):
-    "model.patch_stem='conv': the same grid, and token (r, c) sees its own patch and neighbours, not the far side."
+    "model.patch_stem='conv': the same grid; token (r, c) sees its patch (and a few pixels up and left), not far away."
     torch.manual_seed(0)
     stem = PatchEmbed(3, mcfg.d_model, 8, stem="conv").eval()
     images = torch.rand(1, 3, 32, 48)

@@ -177,13 +177,32 @@ def test_lr_scale_slows_its_prefix_through_the_schedule_and_a_resume(tmp_path):
     first = Trainer(model, lm_stage(cfg, "sft", steps=3, grad_accum=1, evaluate=None), cfg, tmp_path, callbacks=[])
     first.fit(); check(first)
     again = Trainer(model, lm_stage(cfg, "sft", steps=4, grad_accum=1, evaluate=None), cfg, tmp_path, callbacks=[])
-    again.fit(); check(again)
+    assert again.resume() and again.step == 3  # the multipliers come back with the optimizer's state
+    check(again)
+    again.fit(resume=False); check(again)
     assert again.step == 4
+    plain = lm_stage(cfg, "sft", steps=5, grad_accum=1, evaluate=None, lr_scale={})
+    with pytest.raises(CheckpointError, match="were the stage's trainable or lr_scale changed"):
+        Trainer(model, plain, cfg, tmp_path, callbacks=[]).resume()
     with pytest.raises(ValueError, match="lr_scale prefix 'encoders.visoin' matches no trainable parameter"):
         Trainer(model, lm_stage(cfg, "sft", lr_scale={"encoders.visoin": 0.1}), cfg, tmp_path / "x", callbacks=[])
 
 
 def test_lr_scale_must_be_positive():
     from r1_scratch.config import ConfigError
-    with pytest.raises(ConfigError, match="stages.sft.lr_scale multipliers must be positive"):
-        toy_cfg("stages.sft.lr_scale={encoders: 0}")
+    for bad in ("0", "-1", ".inf"):
+        with pytest.raises(ConfigError, match="stages.sft.lr_scale multipliers must be positive and finite"):
+            toy_cfg(f"stages.sft.lr_scale={{encoders: {bad}}}")
+
+
+def test_lr_scale_reaches_a_tied_weight_by_either_name():
+    "The LM head is the token embedding: a multiplier may name either, and two different ones are refused."
+    cfg = toy_cfg()
+    model = R1Model(cfg.model)
+    params = [p for p in model.parameters()]
+    from r1_scratch.trainer import make_optimizer
+    opt = make_optimizer(params, model, 1e-3, cfg.train, torch.device("cpu"), {"lm_head": 0.5})
+    slow = [p for g in opt.param_groups if g["lr"] == pytest.approx(5e-4) for p in g["params"]]
+    assert len(slow) == 1 and slow[0] is model.inputs.token_embedding.weight
+    with pytest.raises(ValueError, match="several multipliers"):
+        make_optimizer(params, model, 1e-3, cfg.train, torch.device("cpu"), {"lm_head": 0.5, "inputs": 0.25})
