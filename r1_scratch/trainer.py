@@ -101,14 +101,14 @@ def set_trainable(model: nn.Module, prefixes: list[str]) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 # %% ../nbs/11_trainer.ipynb #1bf84a32
-def lr_multiplier(name: str, lr_scale: dict[str, float]) -> float:
-    "The multiplier of the longest prefix in `lr_scale` that starts `name`; 1 where none does."
+def lr_multiplier(name: str, lr_scale: dict[str, float]) -> float | None:
+    "The multiplier of the longest prefix in `lr_scale` that starts `name`; None where none does."
     hits = [prefix for prefix in lr_scale if name.startswith(prefix)]
-    return lr_scale[max(hits, key=len)] if hits else 1.0
+    return lr_scale[max(hits, key=len)] if hits else None
 
 def tied_multiplier(names: list[str], lr_scale: dict[str, float]) -> float:
-    "The multiplier of a parameter known by `names` (a tied weight has several): one for every name a prefix matches."
-    scales = {lr_multiplier(n, lr_scale) for n in names if any(n.startswith(x) for x in lr_scale)} or {1.0}
+    "The multiplier of a parameter known by `names` (a tied weight has several): the same for each name a prefix matches, else 1."
+    scales = {lr_multiplier(n, lr_scale) for n in names} - {None} or {1.0}
     if len(scales) > 1: raise ValueError(f"lr_scale gives the tied weight {names} several multipliers {sorted(scales)}")
     return scales.pop()
 
@@ -368,7 +368,7 @@ class Trainer:
         if path is None: return False
         state, meta = self.checkpoints.load(path, self.module, self.rt)
         groups = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
-        if groups != [len(g["params"]) for g in self.optimizer.param_groups]:  # else torch maps states to wrong tensors
+        if groups != [len(g["params"]) for g in self.optimizer.param_groups]:  # torch's own error names no setting
             raise CheckpointError(f"{path}: its optimizer holds parameter groups of sizes {groups}, this stage's "
                                   f"{[len(g['params']) for g in self.optimizer.param_groups]}: were the stage's trainable "
                                   "or lr_scale changed? Resume with the settings it was saved with, or start the stage afresh.")

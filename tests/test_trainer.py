@@ -159,7 +159,7 @@ def test_the_last_checkpoint_is_written_before_the_final_evaluation(tmp_path):
 
 
 def test_lr_scale_slows_its_prefix_through_the_schedule_and_a_resume(tmp_path):
-    "stages.<name>.lr_scale from the config: the vision encoder at a quarter of the lr, at every step, resumed too."
+    "stages.<name>.lr_scale from the config: the vision encoder at a quarter of the lr after training and after a resume."
     cfg = with_data_root(toy_cfg("train.ckpt_every=2", "stages.sft.trainable=[inputs, blocks, norm, lm_head, encoders.vision]",
                                  "stages.sft.lr_scale={encoders.vision: 0.25}"), REPO)
     torch.manual_seed(0)
