@@ -113,13 +113,14 @@ def write_report(cfg: Config, summaries: list[dict], run_dir: Path, rt: Runtime,
     lines = [f"# Run `{run_dir.name}`", "",
              f"Preset `{cfg.preset}`, {rt.world} process(es) on {rt.device.type}, precision {rt.precision}, "
              f"{seconds / 60:.1f} min in all. Config: `config.yaml`.", "",
-             "| stage | steps | first loss | last loss | minutes | targets/s | skipped records |",
-             "|---|---|---|---|---|---|---|"]
+             "| stage | steps | first loss | last loss | minutes | targets/s | waiting for data | skipped records |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         skipped = sum((s.get("skipped_records") or {}).values())
         cell = lambda k, f="{:.3f}": f.format(s[k]) if isinstance(s.get(k), (int, float)) else "-"
         lines.append(f"| {s['stage']}{' (reused)' if s.get('reused') else ''} | {s['steps']} | {cell('first_loss')} | "
-                     f"{cell('last_loss')} | {s.get('seconds', 0) / 60:.1f} | {cell('steady_targets_per_s', '{:.0f}')} | {skipped} |")
+                     f"{cell('last_loss')} | {s.get('seconds', 0) / 60:.1f} | {cell('steady_targets_per_s', '{:.0f}')} | "
+                     f"{cell('data_wait_share', '{:.0%}')} | {skipped} |")
     lines += ["", "Validation (held-out shards):", ""] + [f"- **{s['stage']}**: {validation_line(s)}" for s in summaries]
     lines += [""] + [f"![{s['stage']}]({s['stage']}/training.png)" for s in summaries
                      if (run_dir / s["stage"] / "training.png").exists()]
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         report = write_report(cfg, summaries, run_dir, rt, time.perf_counter() - t0)
         print(report)
         print(json.dumps({s["stage"]: {k: s.get(k) for k in ("steps", "last_loss", "val_loss", "val_accuracy",
-                                   "steady_tokens_per_s", "steady_targets_per_s", "model_tflops_per_s")} for s in summaries}))
+                                   "steady_tokens_per_s", "steady_targets_per_s", "data_wait_share", "model_tflops_per_s")} for s in summaries}))
     shutdown(rt)
     return 0
 

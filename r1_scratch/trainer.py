@@ -318,11 +318,16 @@ class Trainer:
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", self.t.keep_last)
         self.bias_rate = getattr(getattr(self.module, "cfg", None), "bias_rate", 0.0) if bias_rate is None else bias_rate
         self.callbacks = [] if not self.rt.is_main else (callbacks if callbacks is not None else default_callbacks(cfg))
-        self.grad_warnings, self.history = 0, []
+        self.grad_warnings, self.history, self.data_wait = 0, [], 0.0
         self.config_dict = config_to_dict(cfg)
 
     def micro_batches(self, it) -> list[dict]:
-        return [to_device(next(it), self.rt.device) for _ in range(self.stage.grad_accum)]
+        "The step's grad_accum batches on the device; the seconds spent waiting for the loader go to self.data_wait."
+        batches = []
+        for _ in range(self.stage.grad_accum):
+            t0 = time.perf_counter(); batch = next(it); self.data_wait += time.perf_counter() - t0
+            batches.append(to_device(batch, self.rt.device))
+        return batches
 
     def total(self, value: torch.Tensor) -> torch.Tensor:
         "Sum a tensor over ranks (identity in one process)."
@@ -387,12 +392,13 @@ class Trainer:
                     time=time.strftime("%Y-%m-%d %H:%M:%S"))
         return self.checkpoints.save(self.step, self.module, state, meta, self.rt)
 
-    def log_step(self, result: StepResult, seconds: float):
+    def log_step(self, result: StepResult, seconds: float, data_seconds: float = 0.0):
         extra = dict(result.metrics)
         flops, tokens = extra.pop("flops", None), extra.pop("tokens", None)
         metrics = dict(step=self.step, loss=round(result.loss, 5), lr=self.scheduler.get_last_lr()[0],
                        grad_norm=round(result.grad_norm, 4), targets=result.targets,
                        targets_per_s=round(result.targets / max(seconds, 1e-9), 1), seconds=round(seconds, 4),
+                       data_seconds=round(data_seconds, 4),
                        **{k: round(v, 5) if isinstance(v, float) else v for k, v in extra.items()})
         if flops is not None: metrics["tflops_per_s"] = round(flops / max(seconds, 1e-9) / 1e12, 4)  # all ranks
         if tokens is not None: metrics |= dict(tokens=int(tokens), tokens_per_s=round(tokens / max(seconds, 1e-9), 1))
@@ -418,7 +424,7 @@ class Trainer:
         it, t_start, start_step, targets = iter(self.stage.loader), time.perf_counter(), self.step, 0
         end = self.stage.steps if stop_at is None else min(stop_at, self.stage.steps)
         while self.step < end:
-            t0 = time.perf_counter()
+            t0, self.data_wait = time.perf_counter(), 0.0
             result = self.train_step(self.micro_batches(it))
             self.step += 1; targets += result.targets
             if result.grad_norm > self.t.grad_norm_warn:
@@ -426,7 +432,7 @@ class Trainer:
                 if self.rt.is_main and self.grad_warnings <= 5:
                     log.warning("step %d: gradient norm %.2f above %.1f (clipped to %.1f)", self.step,
                                 result.grad_norm, self.t.grad_norm_warn, self.t.clip_grad)
-            metrics = self.log_step(result, time.perf_counter() - t0)
+            metrics = self.log_step(result, time.perf_counter() - t0, self.data_wait)
             if self.t.eval_every and self.step % self.t.eval_every == 0 and self.step < self.stage.steps:
                 for cb in self.callbacks: cb.on_log(self, {**metrics, **self.evaluate()})
             if self.t.ckpt_every and self.step % self.t.ckpt_every == 0 and self.step < end: self.save()
@@ -457,9 +463,10 @@ def default_callbacks(cfg: Config) -> list[Callback]:
     return [Progress(), JsonLines(), WandB(cfg.train.wandb), Plots()]
 
 def steady_throughput(history: list[dict]) -> dict:
-    "Targets/s and model TFLOP/s over the given steps (all ranks together), from each step's own time."
+    "Targets/s, model TFLOP/s and the share of time spent waiting for the loader, from each step's own time."
     seconds = sum(h["seconds"] for h in history)
-    out = dict(steady_targets_per_s=round(sum(h["targets"] for h in history) / max(seconds, 1e-9), 1))
+    out = dict(steady_targets_per_s=round(sum(h["targets"] for h in history) / max(seconds, 1e-9), 1),
+               data_wait_share=round(sum(h.get("data_seconds", 0.0) for h in history) / max(seconds, 1e-9), 3))
     if history and "tokens" in history[0]:
         out["steady_tokens_per_s"] = round(sum(h["tokens"] for h in history) / max(seconds, 1e-9), 1)
     if history and "tflops_per_s" in history[0]:

@@ -53,6 +53,8 @@ def test_launch_trains_and_writes_the_run(unbroken):
     assert (run / "sft" / "training.png").stat().st_size > 10_000
     report = (run / "report.md").read_text()
     assert "| sft | 8 |" in report and "| pretrain | 2 |" in report and "| align | 2 |" in result.stdout
+    row = next(line for line in report.splitlines() if line.startswith("| sft |")).split("|")
+    assert row[7].strip() == f"{summary['data_wait_share']:.0%}"  # the "waiting for data" column
     assert "image R@1 text→image" in report and "(chance 0.0" in report and "vqa accuracy" in report
     shown = re.search(r"vqa by kind: ([^;]+);", report).group(1)  # e.g. "count 0.00, digit 1.00"
     assert {part.split()[0] for part in shown.split(", ")} <= {*SCENE_QUESTION_KINDS, "digit"}

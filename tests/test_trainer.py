@@ -206,3 +206,25 @@ def test_lr_scale_reaches_a_tied_weight_by_either_name():
     assert len(slow) == 1 and slow[0] is model.inputs.token_embedding.weight
     with pytest.raises(ValueError, match="several multipliers"):
         make_optimizer(params, model, 1e-3, cfg.train, torch.device("cpu"), {"lm_head": 0.5, "inputs": 0.25})
+
+
+class Slow(Fixed):
+    "A loader that takes `delay` seconds to hand over each batch, like one that cannot keep up."
+    def __init__(self, batches, delay): super().__init__(batches); self.delay = delay
+    def __iter__(self):
+        import time
+        for batch in self.batches: time.sleep(self.delay); yield batch
+
+
+def test_data_wait_share_tells_a_slow_loader_from_a_fast_one(tmp_path):
+    torch.manual_seed(0)
+    batches = [{"x": torch.randn(4, 3), "y": torch.randn(4, 1)} for _ in range(8)]
+    cfg = toy_cfg("train.ckpt_every=0")
+    def share(loader, name):
+        stage = toy_stage([], 2, steps=4); stage.loader = loader
+        trainer = Trainer(torch.nn.Linear(3, 1), stage, cfg, tmp_path / name, callbacks=[])
+        summary = trainer.fit()
+        assert all(0 <= h["data_seconds"] <= h["seconds"] for h in trainer.history)
+        return summary["data_wait_share"]
+    slow, fast = share(Slow(batches, 0.05), "slow"), share(Fixed(batches), "fast")
+    assert slow > 0.8 and fast < 0.5, (slow, fast)  # a Linear step takes ~1 ms; the slow loader 100 ms a step
