@@ -33,9 +33,10 @@ __all__ = ['log', 'TASKS', 'IMAGE_EXTS', 'AUDIO_EXTS', 'SPECIAL_TOKENS', 'SPECIA
            'is_remote', 'expand_shards', 'source_shards', 'SkipCounter', 'check_shard_size', 'decode_image',
            'decode_image_bytes', 'decode_audio', 'decode_json', 'decode_text', 'DecodeSpec', 'first_member',
            'decode_record', 'train_tokenizer', 'find_token', 'TextTokenizer', 'chat_ids', 'Tokenized',
-           'tokenize_sample', 'pad_ids', 'collate_images', 'collate_audio', 'collate', 'budget_batches', 'rank_info',
-           'worker_info', 'check_enough_shards', 'stream_seed', 'shard_order', 'read_source', 'endless', 'mix',
-           'StreamSpec', 'ShardStream', 'Loader', 'build_loader', 'describe_batches', 'main']
+           'tokenize_sample', 'pad_ids', 'collate_images', 'collate_audio', 'collate', 'prefix_blocks',
+           'budget_batches', 'rank_info', 'worker_info', 'check_enough_shards', 'stream_seed', 'shard_order',
+           'read_source', 'endless', 'mix', 'StreamSpec', 'ShardStream', 'Loader', 'build_loader', 'decoder_tokens',
+           'describe_batches', 'main']
 
 # %% ../nbs/01_data.ipynb #725d3c84
 TASKS = ("caption", "text", "instruct", "reasoning", "vqa", "audio_qa", "problem")
@@ -346,13 +347,18 @@ def collate(items: Sequence[Tokenized], pad_id: int, image_size: int) -> dict:
                 cost=torch.tensor([t.cost for t in items]))
 
 # %% ../nbs/01_data.ipynb #b9aafeb6
+def prefix_blocks(item: Tokenized) -> tuple[bool, bool]:
+    "Which blocks a sample puts before its text in the decoder: (image, audio)."
+    return item.sample.image is not None, item.sample.audio is not None
+
 def budget_batches(pool: list[Tokenized], max_tokens: int | None, max_batch: int) -> list[list[Tokenized]]:
-    "Cut `pool` into batches of at most `max_batch` samples and `max_tokens` padded tokens."
+    "Cut `pool` into batches of at most `max_batch` samples and `max_tokens` padded tokens, one set of prefix blocks each."
     if max_tokens is None: return [pool[i : i + max_batch] for i in range(0, len(pool), max_batch)]
     batches, current, longest = [], [], 0
-    for item in sorted(pool, key=lambda t: t.cost):
+    for item in sorted(pool, key=lambda t: (prefix_blocks(t), t.cost)):
         grown = max(longest, item.cost)
-        if current and (grown * (len(current) + 1) > max_tokens or len(current) == max_batch):
+        if current and (grown * (len(current) + 1) > max_tokens or len(current) == max_batch
+                        or prefix_blocks(item) != prefix_blocks(current[0])):
             batches.append(current); current, grown = [], item.cost
         current.append(item); longest = grown
     if current: batches.append(current)
@@ -562,20 +568,30 @@ def build_loader(cfg, split: str = "train", mixture: dict[str, float] | None = N
     return Loader(spec, d.num_workers if num_workers is None else num_workers)
 
 # %% ../nbs/01_data.ipynb #fa6e0dd8
+def decoder_tokens(batch: dict, spec: StreamSpec) -> tuple[int, int]:
+    "A batch's real and padded decoder tokens: its image, audio and text blocks, each padded to its longest row."
+    frames = torch.ceil(batch["audio_lengths"] / spec.decode.sample_rate * spec.audio_tokens_per_second).long()
+    images, text = batch["has_image"].long() * spec.image_tokens, batch["attention_mask"].sum(1)
+    width = int(images.max()) + int(frames.max()) + batch["attention_mask"].shape[1]
+    return int((images + frames + text).sum()), len(text) * width
+
 def describe_batches(loader: Loader, batches: int) -> dict:
     "Read up to `batches` batches and summarise them: sources, sizes, padding, skips, speed."
     import time
     seen, sizes, real, padded, t0 = Counter(), [], 0, 0, time.perf_counter()
+    decoder_real = decoder_padded = 0
     for _, batch in zip(range(batches), loader):
         seen.update(batch["source"]); sizes.append(len(batch["source"]))
         real += int(batch["attention_mask"].sum()); padded += batch["attention_mask"].numel()
+        r, p = decoder_tokens(batch, loader.spec); decoder_real += r; decoder_padded += p
     seconds, total = time.perf_counter() - t0, sum(seen.values())
     return dict(batches=len(sizes), samples=total, samples_per_s=round(total / max(seconds, 1e-9), 1),
                 share={k: round(v / max(total, 1), 3) for k, v in sorted(seen.items())},
                 target=loader.spec.weights if loader.spec.train else None,
                 batch_size=dict(min=min(sizes, default=0), mean=round(float(np.mean(sizes or [0])), 1),
                                 max=max(sizes, default=0)),
-                padding=round(1 - real / max(padded, 1), 3), skipped=dict(loader.skipped), oversize=loader.oversize)
+                padding=round(1 - real / max(padded, 1), 3), decoder_padding=round(1 - decoder_real / max(decoder_padded, 1), 3),
+                skipped=dict(loader.skipped), oversize=loader.oversize)
 
 # %% ../nbs/01_data.ipynb #d03c9cf5
 @call_parse
