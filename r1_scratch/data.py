@@ -352,15 +352,15 @@ def prefix_blocks(item: Tokenized) -> tuple[bool, bool]:
     return item.sample.image is not None, item.sample.audio is not None
 
 def budget_batches(pool: list[Tokenized], max_tokens: int | None, max_batch: int) -> list[list[Tokenized]]:
-    "Cut `pool` into batches of at most `max_batch` samples and `max_tokens` padded tokens, one set of prefix blocks each."
+    "Cut `pool` into batches of at most `max_batch` samples; under a `max_tokens` budget, one set of prefix blocks each."
     if max_tokens is None: return [pool[i : i + max_batch] for i in range(0, len(pool), max_batch)]
-    batches, current, longest = [], [], 0
+    batches, current, longest, blocks = [], [], 0, None
     for item in sorted(pool, key=lambda t: (prefix_blocks(t), t.cost)):
         grown = max(longest, item.cost)
         if current and (grown * (len(current) + 1) > max_tokens or len(current) == max_batch
-                        or prefix_blocks(item) != prefix_blocks(current[0])):
+                        or prefix_blocks(item) != blocks):
             batches.append(current); current, grown = [], item.cost
-        current.append(item); longest = grown
+        current.append(item); longest, blocks = grown, prefix_blocks(item)
     if current: batches.append(current)
     return batches
 
@@ -569,7 +569,7 @@ def build_loader(cfg, split: str = "train", mixture: dict[str, float] | None = N
 
 # %% ../nbs/01_data.ipynb #fa6e0dd8
 def decoder_tokens(batch: dict, spec: StreamSpec) -> tuple[int, int]:
-    "A batch's real and padded decoder tokens: its image, audio and text blocks, each padded to its longest row."
+    "A batch's real and padded decoder tokens, estimated as the budget counts them (the audio encoder may add a frame)."
     frames = torch.ceil(batch["audio_lengths"] / spec.decode.sample_rate * spec.audio_tokens_per_second).long()
     images, text = batch["has_image"].long() * spec.image_tokens, batch["attention_mask"].sum(1)
     width = int(images.max()) + int(frames.max()) + batch["attention_mask"].shape[1]
