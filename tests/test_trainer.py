@@ -199,7 +199,7 @@ def test_lr_scale_reaches_a_tied_weight_by_either_name():
     "The LM head is the token embedding: a multiplier may name either, and two different ones are refused."
     cfg = toy_cfg()
     model = R1Model(cfg.model)
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     from r1_scratch.trainer import make_optimizer
     opt = make_optimizer(params, model, 1e-3, cfg.train, torch.device("cpu"), {"lm_head": 0.5})
     slow = [p for g in opt.param_groups if g["lr"] == pytest.approx(5e-4) for p in g["params"]]
