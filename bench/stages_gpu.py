@@ -22,10 +22,9 @@ train split it was tuned on (`train_answers`): a kind of question that fails the
 than not generalised. --detach runs everything in a new session writing a log, for machines whose single command is
 shorter than the run, and prints the run's process id: the run has ended when that process is gone or a zombie;
 tail <runs>/stages-<preset>/*/metrics.jsonl to watch it. Options and key=value overrides may come in any order.
-Measured on one H200 (--scale 16): growing the data 42-44 s, stage 1 60 s, stage 2 140-212 s, stage 3 594 s, then
-the evaluation (~1 min). Stage 3 keeps the GPU at a median 24% busy, and 12 loader workers instead of the preset's 4
-did not speed it up (46.7K vs 44K tokens/s), so its bottleneck is not the loader's worker count; it is not yet
-profiled.
+Measured on one H200 (--scale 16): growing the data 42-44 s, stage 1 50-66 s, stage 2 140-214 s, stage 3 594 s at
+8192-token micro-batches and 432 s at the 32768 the preset now uses, then the evaluation (~1 min). Stage 3 waits
+for the loader 2% of its time: its bottleneck is the step (bench/train_gpu.py).
 """
 import argparse
 import json

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -12,14 +13,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import Config
-from .data import build_loader
+from .data import TextTokenizer, build_loader
 from .distributed import all_gather_with_grad
 from .trainer import Stage, to_device
 
 # %% auto #0
 __all__ = ['LABEL_KEY', 'MAX_LOGIT_SCALE', 'caption_hash', 'caption_keys', 'contrastive_loss', 'uniformity', 'gather_rows',
-           'align_objective', 'count_pairs', 'align_loss', 'embed_split', 'recall_at', 'retrieval_metrics',
-           'align_evaluate', 'align_stage']
+           'WordSwaps', 'mid_sentence_token', 'word_swaps', 'swap_one_word', 'embed_texts', 'align_objective',
+           'count_pairs', 'prefers_own_caption', 'align_loss', 'embed_split', 'recall_at', 'retrieval_metrics',
+           'config_swaps', 'align_evaluate', 'align_stage']
 
 # %% ../nbs/14_stage2_align.ipynb #05b8f002
 def caption_hash(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -38,14 +40,15 @@ def caption_keys(batch: dict) -> torch.Tensor:
     has_label = torch.tensor([l is not None for l in labels])
     return torch.where(has_label.to(keys.device), by_label.to(keys.device), keys)
 
-def contrastive_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
-    "CLIP's symmetric InfoNCE over normalised a, b (N, F): pair i is row i of both, and any pair with equal `keys`."
+def contrastive_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor | None = None,
+                     hard: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE over normalised a, b (N, F): pair i is row i of both, and any pair with equal `keys`.
+    `hard` (M, F): extra rows on a's side that match no b, negatives for the b -> a direction (see below)."""
     logits = scale * a @ b.T                                             # (N, N)
-    if keys is None: target = torch.arange(len(a), device=a.device)
-    else:
-        match = (keys[:, None] == keys[None, :]).float()                 # symmetric, so one target serves both ways
-        target = match / match.sum(1, keepdim=True)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    match = torch.eye(len(a), device=a.device) if keys is None else (keys[:, None] == keys[None, :]).float()
+    target = match / match.sum(1, keepdim=True)                          # symmetric, so one target serves both ways
+    b_to_a = logits.T if hard is None else torch.cat([logits.T, scale * b @ hard.T], 1)  # (N, N + M)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(b_to_a, F.pad(target, (0, b_to_a.shape[1] - len(a)))))
 
 def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     "Wang & Isola (2020): log E exp(-t ||xi - xj||²) over pairs i != j; lower = spread over the sphere."
@@ -60,53 +63,120 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
     sizes = [int(s) for s in sizes]
+    if max(sizes) == 0: return x                        # nothing anywhere: no collective to run (or to undo)
     padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, max(sizes) - len(x)))
     everything = all_gather_with_grad(padded)
     keep = torch.cat([torch.arange(n, device=x.device) + r * max(sizes) for r, n in enumerate(sizes)])
     return everything[keep]
 
+# %% ../nbs/14_stage2_align.ipynb #95811872
+@dataclass
+class WordSwaps:
+    "Per token id: the ids it may be swapped for (`alternatives` (V, K), padded) and how many (`counts` (V,), 0 = none)."
+    alternatives: torch.Tensor
+    counts: torch.Tensor
+
+def mid_sentence_token(tok: TextTokenizer, word: str) -> int:
+    "The one token id of `word` after a space (as in 'a circle'); ValueError if it is not a single token."
+    ids = tok.encode(f"a {word}")[len(tok.encode("a")):]
+    if len(ids) != 1: raise ValueError(f"swap word {word!r} is {len(ids)} tokens of the tokenizer, not one")
+    return ids[0]
+
+def word_swaps(tok: TextTokenizer, groups: list[list[str]]) -> WordSwaps:
+    "Swap tables for groups of interchangeable words, e.g. [['circle', 'square', ...]]."
+    groups = [[mid_sentence_token(tok, w) for w in g] for g in groups]
+    for g in groups:
+        if len(set(g)) < 2: raise ValueError(f"a swap group needs two different words, got token ids {g}")
+    K = max([len(g) - 1 for g in groups] + [1])
+    alternatives = torch.zeros(tok.vocab_size, K, dtype=torch.long)
+    counts = torch.zeros(tok.vocab_size, dtype=torch.long)
+    for g in groups:
+        for t in g:
+            others = [o for o in dict.fromkeys(g) if o != t]
+            alternatives[t, :len(others)], counts[t] = torch.tensor(others), len(others)
+    return WordSwaps(alternatives, counts)
+
+def swap_one_word(ids: torch.Tensor, mask: torch.Tensor, swaps: WordSwaps,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    "(B, L) captions -> (the captions with one swappable word replaced by another of its group, (B,) which rows changed)."
+    counts = swaps.counts.to(ids.device)[ids] * mask                             # (B, L) alternatives of each token
+    draws = torch.rand(*ids.shape, 2, generator=generator,
+                       device=generator.device if generator else ids.device).to(ids.device)
+    where = (draws[..., 0] * (counts > 0)).argmax(1)                             # one random swappable position per row
+    rows = torch.arange(len(ids), device=ids.device)
+    old, n = ids[rows, where], counts[rows, where]
+    choice = (draws[rows, where, 1] * n).long().clamp(max=swaps.alternatives.shape[1] - 1)  # uniform over the group
+    new = swaps.alternatives.to(ids.device)[old, choice]
+    swapped = ids.clone()
+    swapped[rows, where] = torch.where(n > 0, new, old)
+    return swapped, n > 0
+
+def embed_texts(encoders, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    "Normalised text embeddings (B, F), made as `FusedEmbedding` makes them."
+    return F.normalize(encoders.fusion.proj["text"](encoders.text(ids, mask).pooled), dim=-1)
+
 # %% ../nbs/14_stage2_align.ipynb #156c475b
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps 1 / temperature here, so the learned scale cannot run away
 
-def align_objective(model, batch: dict, temperature: float | None = None) -> dict:
-    "Inside the forward pass: normalised embeddings per modality, who has what, caption keys, and the scale."
+def align_objective(model, batch: dict, temperature: float | None = None, swaps: WordSwaps | None = None,
+                    generator: torch.Generator | None = None) -> dict:
+    """Inside the forward pass: normalised embeddings per modality, who has what, caption keys, the scale, and
+    with `swaps` the hard negatives (`hard` (B, F), zero where `has_hard` is False)."""
     fused = model.encoders(batch)
     scale = (model.heads.logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp() if temperature is None
              else torch.tensor(1.0 / temperature, device=fused.text.device))
-    return dict(text=fused.text, image=fused.image, audio=fused.audio, has_image=batch["has_image"].bool(),
-                has_audio=batch["audio_lengths"] > 0, keys=caption_keys(batch),
-                scale=scale)
+    out = dict(text=fused.text, image=fused.image, audio=fused.audio, has_image=batch["has_image"].bool(),
+               has_audio=batch["audio_lengths"] > 0, keys=caption_keys(batch), scale=scale)
+    if swaps is not None:
+        ids, has_hard = swap_one_word(batch["text_ids"], batch["text_mask"], swaps, generator)
+        hard = 0 * fused.text  # in the graph on every rank, also without a negative: DDP ranks must run the same backward
+        if has_hard.any():
+            negatives = embed_texts(model.encoders, ids[has_hard], batch["text_mask"][has_hard])
+            hard = hard.index_put((has_hard,), negatives.to(hard.dtype))
+        out |= dict(hard=hard, has_hard=has_hard)
+    return out
 
 def count_pairs(batch: dict) -> torch.Tensor:
     "Text-image plus text-audio pairs of a batch (the stage's targets)."
     return batch["has_image"].sum() + (batch["audio_lengths"] > 0).sum()
 
-def align_loss(model, batch: dict, temperature: float | None = None, uniformity_weight: float = 0.1):
+def prefers_own_caption(e: dict, kind: str) -> torch.Tensor:
+    "(M,) bool: does each `kind` embedding that has a hard negative score its own caption above that negative?"
+    pick = e[f"has_{kind}"] & e["has_hard"]
+    x = e[kind][pick].float()
+    return (x * e["text"][pick].float()).sum(1) > (x * e["hard"][pick].float()).sum(1)
+
+def align_loss(model, batch: dict, temperature: float | None = None, uniformity_weight: float = 0.1,
+               swaps: WordSwaps | None = None):
     "Stage-2 loss: (global contrastive loss x this rank's pairs, weighted uniformity, metrics)."
-    e = model(batch, objective=partial(align_objective, temperature=temperature))  # through DDP's forward
+    e = model(batch, objective=partial(align_objective, temperature=temperature, swaps=swaps))  # through DDP's forward
     scale = e["scale"]
     loss_sum, extra, metrics = e["text"].new_zeros((), dtype=torch.float32), 0.0, {"scale": scale.item()}
     for kind in ("image", "audio"):
         pick = e[f"has_{kind}"]
         text, other = gather_rows(e["text"][pick].float()), gather_rows(e[kind][pick].float())
+        hard = gather_rows(e["hard"][pick & e["has_hard"]].float()) if swaps is not None else None
         if len(text) < 2: continue                      # one pair has no negative to learn from
-        loss = contrastive_loss(text, other, scale.float(), gather_rows(e["keys"][pick]))
+        loss = contrastive_loss(text, other, scale.float(), gather_rows(e["keys"][pick]), hard)
         loss_sum = loss_sum + loss * pick.sum()          # global mean, weighted by this rank's share
         extra = extra + uniformity_weight * (uniformity(text) + uniformity(other)) / 2
         metrics[f"loss_{kind}"] = loss.item()
+        if swaps is not None and (pick & e["has_hard"]).any():  # this rank's share, a noisy but free signal
+            metrics[f"own_caption_{kind}"] = prefers_own_caption(e, kind).float().mean().item()
     return loss_sum, extra + 0 * e["text"].sum(), metrics  # in the graph even for a batch without pairs
 
 # %% ../nbs/14_stage2_align.ipynb #1fe2186a
 @torch.no_grad()
-def embed_split(model, cfg: Config, sources: list[str], split: str = "val", batch_size: int = 64, max_batches: int = 100) -> dict:
-    "Embeddings, caption keys and presence of every captioned sample (task 'caption') of `sources` in `split`."
+def embed_split(model, cfg: Config, sources: list[str], split: str = "val", batch_size: int = 64, max_batches: int = 100,
+                swaps: WordSwaps | None = None) -> dict:
+    "Embeddings, caption keys, presence (and with `swaps` hard negatives) of every captioned sample of `sources` in `split`."
     device = next(model.parameters()).device
-    parts = []
+    parts, generator = [], torch.Generator().manual_seed(0)  # the same hard negatives in every evaluation
     loader = build_loader(cfg, split, {s: 1.0 for s in sources}, batch_size=batch_size, num_workers=0)
     for _, batch in zip(range(max_batches), loader):
         captioned = torch.tensor([t == "caption" for t in batch["task"]])  # a question is not its image's caption
         if not captioned.any(): continue
-        e = align_objective(model, to_device(batch, device))
+        e = align_objective(model, to_device(batch, device), swaps=swaps, generator=generator)
         parts.append({k: v.cpu()[captioned] for k, v in e.items() if k != "scale"})
     if not parts: raise ValueError(f"no captioned samples (task 'caption') in {split} sources {sources}")
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -118,18 +188,29 @@ def recall_at(sim: torch.Tensor, match: torch.Tensor, ks=(1, 5)) -> dict:
     return {f"R@{k}": hit[:, :k].any(1).float().mean().item() for k in ks}
 
 def retrieval_metrics(e: dict, kind: str) -> dict:
-    "Text->kind and kind->text R@1, R@5, and R@1 chance, for the samples that have `kind`."
+    "Text->kind and kind->text R@1, R@5, R@1 chance, and with hard negatives the own-caption rate, for samples with `kind`."
     pick = e[f"has_{kind}"]
     text, other, keys = e["text"][pick].float(), e[kind][pick].float(), e["keys"][pick]
     match = keys[:, None] == keys[None, :]
     sim = text @ other.T
     t2x, x2t = recall_at(sim, match), recall_at(sim.T, match.T)
-    return {f"{kind}_t2x_R@1": t2x["R@1"], f"{kind}_t2x_R@5": t2x["R@5"], f"{kind}_x2t_R@1": x2t["R@1"],
-            f"{kind}_x2t_R@5": x2t["R@5"], f"{kind}_chance_R@1": match.float().mean().item(), f"{kind}_pairs": len(keys)}
+    out = {f"{kind}_t2x_R@1": t2x["R@1"], f"{kind}_t2x_R@5": t2x["R@5"], f"{kind}_x2t_R@1": x2t["R@1"],
+           f"{kind}_x2t_R@5": x2t["R@5"], f"{kind}_chance_R@1": match.float().mean().item(), f"{kind}_pairs": len(keys)}
+    if "hard" in e and (pick & e["has_hard"]).any():  # chance 0.5: the caption or its one-word-swapped twin
+        own = prefers_own_caption(e, kind)
+        out |= {f"{kind}_own_caption": own.float().mean().item(), f"{kind}_own_caption_pairs": len(own)}
+    return out
 
-def align_evaluate(model, cfg: Config, sources=("scenes", "digits", "speech")) -> dict:
+def config_swaps(cfg: Config, name: str = "align") -> WordSwaps | None:
+    "The stage's word swaps (`options.swap_words`), or None without any; the error names the option."
+    groups = cfg.stages[name].options.get("swap_words") if name in cfg.stages else None
+    if not groups: return None
+    try: return word_swaps(TextTokenizer.from_file(cfg.data.tokenizer), groups)
+    except ValueError as error: raise ValueError(f"stages.{name}.options.swap_words: {error}") from error
+
+def align_evaluate(model, cfg: Config, sources=("scenes", "digits", "speech"), swaps: WordSwaps | None = None) -> dict:
     "Retrieval metrics on the validation split, text<->image and text<->audio, for the captioned samples of `sources`."
-    e, out = embed_split(model, cfg, list(sources)), {}
+    e, out = embed_split(model, cfg, list(sources), swaps=swaps), {}
     for kind in ("image", "audio"):
         if e[f"has_{kind}"].sum() >= 5: out |= retrieval_metrics(e, kind)  # R@5 needs five candidates
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
@@ -140,11 +221,14 @@ def align_stage(cfg: Config, name: str = "align", **overrides) -> Stage:
     st = cfg.stages[name]
     learnable = st.options.get("learnable_temperature", True)
     temperature = None if learnable else st.options.get("temperature", 0.1)
+    swaps = config_swaps(cfg, name)  # evaluated whenever configured; trained on with options.hard_negatives
+    train_swaps = swaps if st.options.get("hard_negatives", False) else None
     mixture = st.mixture or cfg.data.mixture
     loader = build_loader(cfg, "train", mixture, batch_size=st.batch_size, max_tokens=st.max_tokens)
     kw = dict(name=name, loader=loader, count=count_pairs, steps=st.steps or cfg.train.max_steps, lr=st.lr or cfg.train.lr,
               grad_accum=st.grad_accum or 1, trainable=st.trainable or (["encoders"] + (["heads.logit_scale"] if learnable else [])),
               lr_scale=st.lr_scale,
-              loss=partial(align_loss, temperature=temperature, uniformity_weight=st.options.get("uniformity", 0.1)),
-              evaluate=partial(align_evaluate, cfg=cfg, sources=list(mixture)))
+              loss=partial(align_loss, temperature=temperature, uniformity_weight=st.options.get("uniformity", 0.1),
+                           swaps=train_swaps),
+              evaluate=partial(align_evaluate, cfg=cfg, sources=list(mixture), swaps=swaps))
     return Stage(**{**kw, **overrides})

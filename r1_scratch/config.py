@@ -22,10 +22,10 @@ import yaml
 from fastcore.script import Param, call_parse
 
 # %% auto #0
-__all__ = ['PRESETS', 'ConfigError', 'check_fields', 'round_up', 'derived_sizes', 'ModelConfig', 'check_model', 'DataConfig',
-           'check_mixture', 'check_data', 'TrainConfig', 'check_train', 'StageConfig', 'check_stage', 'default_stages',
-           'Config', 'validate', 'config_from_dict', 'config_to_dict', 'get_preset', 'with_data_root', 'YamlLoader',
-           'read_yaml', 'parse_override', 'apply_overrides', 'save_config', 'load_config', 'main']
+__all__ = ['SHAPE_WORDS', 'PRESETS', 'ConfigError', 'check_fields', 'round_up', 'derived_sizes', 'ModelConfig', 'check_model',
+           'DataConfig', 'check_mixture', 'check_data', 'TrainConfig', 'check_train', 'StageConfig', 'check_stage',
+           'default_stages', 'Config', 'validate', 'config_from_dict', 'config_to_dict', 'get_preset', 'with_data_root',
+           'YamlLoader', 'read_yaml', 'parse_override', 'apply_overrides', 'save_config', 'load_config', 'main']
 
 # %% ../nbs/00_config.ipynb #fc9aba4c
 class ConfigError(ValueError):
@@ -298,13 +298,16 @@ def check_stage(st: StageConfig, where: str, data: DataConfig) -> StageConfig:
     return st
 
 # %% ../nbs/00_config.ipynb #e0e567bf
+SHAPE_WORDS = ("circle", "square", "triangle", "star", "cross", "diamond")  # the bundled scenes' shapes (02_samples)
+
 def default_stages() -> dict[str, StageConfig]:
     "The article's three stages: unimodal pretraining, contrastive alignment, instruction tuning."
     return {
         "pretrain": StageConfig(mixture={"text": 0.4, "scenes": 0.3, "digits": 0.1, "speech": 0.2},
                                 options={"masking": 0.15, "image_mask": 0.5, "audio_mask": 0.5, "weighting": "uncertainty"}),
         "align": StageConfig(mixture={"scenes": 0.5, "digits": 0.2, "speech": 0.3}, grad_accum=1,
-                             options={"temperature": 0.1, "learnable_temperature": True, "uniformity": 0.1}),
+                             options={"temperature": 0.1, "learnable_temperature": True, "uniformity": 0.1,
+                                      "hard_negatives": True, "swap_words": [list(SHAPE_WORDS)]}),  # NegCLIP, 14_stage2_align
         "sft": StageConfig(mixture={"instruct": 0.6, "reasoning": 0.2, "vqa": 0.15, "audio_qa": 0.05},
                            grad_accum=4, max_tokens=2048, batch_size=64, options={"expert_dropout": 0.3, "answer_samples": 64, "loss_average": "answer"},
                            trainable=["inputs", "blocks", "norm", "lm_head"]),  # encoders frozen, as LLaVA does
@@ -338,18 +341,24 @@ def validate(cfg: Config) -> Config:
 # stage 1 for the short budgets: text batches, causal LM, the decoder alone (13_stage1_pretrain measures why)
 _DECODER_ONLY_PRETRAIN = dict(mixture={"text": 1.0}, trainable=["inputs", "blocks", "norm", "lm_head"],
                               options={"masking": 0, "image_mask": 0.5, "audio_mask": 0.5, "weighting": "uncertainty"})
+_ALIGN_WITHOUT_HARD_NEGATIVES = {**default_stages()["align"].options, "hard_negatives": False}
 PRESETS: dict[str, dict] = {
     "tiny": dict(model=dict(depth=2),  # the default launch: all three stages in a few minutes on 2 CPU cores
                  stages=dict(pretrain=dict(steps=100, batch_size=16, lr=2e-3, **_DECODER_ONLY_PRETRAIN),
-                             align=dict(steps=300, batch_size=32, lr=1e-3),
+                             # 32 px is too coarse for outlines: hard negatives cost 11% of stage 2 and teach nothing here
+                             align=dict(steps=300, batch_size=32, lr=1e-3, options=_ALIGN_WITHOUT_HARD_NEGATIVES),
                              sft=dict(steps=400, max_tokens=1024, lr=2e-3))),
-    "small": dict(model=dict(depth=6, image_size=64, n_mels=64, max_seq_len=512),
+    "small": dict(model=dict(depth=6, image_size=64, n_mels=64, max_seq_len=512, patch_stem="conv"),
                   data=dict(batch_size=64, max_text_tokens=256, max_audio_seconds=10.0, num_workers=4,
                             shuffle_buffer=1000, bucket_pool=1024),
                   train=dict(max_steps=2000, warmup_steps=100, precision="bf16", eval_every=200, ckpt_every=500),
                   stages=dict(pretrain=dict(steps=300, batch_size=64, grad_accum=2, lr=1e-3, **_DECODER_ONLY_PRETRAIN),
                               align=dict(steps=1500, batch_size=128, lr=5e-4),
-                              sft=dict(steps=900, max_tokens=8192, batch_size=128, lr=1e-3))),
+                              # 4x micro-batches (1.6-2.5x the tokens/s) and the vision encoder tuned at 0.1x the lr:
+                              # the best measured run (15_stage3_sft, bench/results/stages_small_h200.json)
+                              sft=dict(steps=560, max_tokens=32768, batch_size=512, lr=1e-3,
+                                       trainable=["inputs", "blocks", "norm", "lm_head", "encoders.vision"],
+                                       lr_scale={"encoders.vision": 0.1}))),
     "base": dict(model=dict(depth=12, image_size=224, patch_size=16, window_size=7, n_mels=80, max_seq_len=2048,
                             ffn_multiple_of=256),
                  data=dict(batch_size=128, max_text_tokens=1024, max_audio_seconds=30.0, num_workers=8,

@@ -27,7 +27,7 @@ from .model import R1Model, count_parameters
 from .trainer import Checkpoints, CheckpointError, Runtime, Trainer, autocast, lm_evaluate
 from .data import TextTokenizer, expand_shards
 from .pretrain import pretrain_evaluate, pretrain_options, pretrain_stage
-from .align import align_evaluate, align_stage
+from .align import align_evaluate, align_stage, config_swaps
 from .sft import QA_TASKS, answer_accuracy, sft_stage
 
 log = logging.getLogger("r1_scratch.launch")
@@ -157,7 +157,7 @@ def evaluate_model(model, cfg: Config, sources: list[str], batches: int = 50, an
     options = pretrain_options(cfg.stages.get("pretrain"))
     out = dict(language_model=dict(overall=overall | {"targets": targets}, tasks=lm),
                pretrain=pretrain_evaluate(model, cfg, sources, tok, options, max_batches=batches))
-    try: out["retrieval"] = align_evaluate(model, cfg, sources)
+    try: out["retrieval"] = align_evaluate(model, cfg, sources, swaps=config_swaps(cfg))  # with own-caption rates
     except ValueError as error: out["retrieval"] = {"skipped": str(error)}
     answers = {}
     for task in QA_TASKS:

@@ -1,17 +1,20 @@
 """Helper for test_launch.py: a few steps of the tiny model on fixed real batches, as DDP ranks or one process.
 
-Usage: ddp_train.py ROOT OUT_DIR STEPS [sft | align | pretrain]
+Usage: ddp_train.py ROOT OUT_DIR STEPS [sft | align | align_hard | pretrain]
 
 sft and pretrain: rank r of W takes micro-batches r, r + W, ...; one process takes them all with accumulation W,
 so both see the same global batch in every step (pretrain: one modality per micro-batch, the ranks' modalities
 differ within a step). align: each rank takes an unequal share of the rows of every global batch (3 and 5 of 8),
-one process takes whole batches, so contrastive negatives must come from both ranks to match.
+one process takes whole batches, so contrastive negatives must come from both ranks to match. align_hard: the
+same with hard negatives that swap the background ("dark" <-> "light"): a caption names it at most once and the
+group has two words, so the swap does not depend on the random draws, and the ranks hold unequal numbers of them.
 Each rank writes OUT_DIR/rank{r}.json (a file, not stdout: two ranks' prints can interleave on one line):
 the step losses and a checksum of the weights.
 """
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,7 +24,7 @@ from r1_scratch.data import build_loader
 from r1_scratch.distributed import init_distributed, shutdown, wrap_ddp
 from r1_scratch.model import R1Model, count_targets
 from r1_scratch.trainer import Stage, Trainer, lm_loss
-from r1_scratch.align import align_loss, count_pairs
+from r1_scratch.align import align_loss, count_pairs, word_swaps
 from r1_scratch.data import TextTokenizer
 from r1_scratch.pretrain import batch_modality, one_per_batch, pretrain_loss
 from r1_scratch.sft import select_rows
@@ -46,7 +49,7 @@ def modality_batches(n: int) -> list[dict]:
     order = ["text", "audio", "image"]
     return [by_kind[order[i % 3]].pop() for i in range(n)]
 
-if kind == "align":
+if kind.startswith("align"):
     batches = [b for _, b in zip(range(steps), build_loader(cfg, "train", {"scenes": 0.5, "speech": 0.5}, batch_size=8))]
 elif kind == "pretrain":
     batches = modality_batches(2 * steps)
@@ -56,9 +59,11 @@ os.environ.update(saved)
 rt = init_distributed("fp32")
 torch.manual_seed(0)
 model = R1Model(cfg.model)
-if kind == "align":
+if kind.startswith("align"):
     mine = batches if rt.world == 1 else [select_rows(b, [[0, 1, 2], [3, 4, 5, 6, 7]][rt.rank]) for b in batches]
-    stage = Stage("align", mine, align_loss, count_pairs, steps=steps, lr=1e-3, trainable=["encoders", "heads.logit_scale"])
+    swaps = word_swaps(TextTokenizer.from_file(cfg.data.tokenizer), [["dark", "light"]]) if kind == "align_hard" else None
+    stage = Stage("align", mine, partial(align_loss, swaps=swaps), count_pairs, steps=steps, lr=1e-3,
+                  trainable=["encoders", "heads.logit_scale"])
 elif kind == "pretrain":
     tok = TextTokenizer.from_file(cfg.data.tokenizer)
     stage = Stage("pretrain", batches[rt.rank::rt.world], lambda m, b: pretrain_loss(m, b, tok), one_per_batch,

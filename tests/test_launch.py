@@ -148,12 +148,17 @@ def test_torchrun_two_cpu_ranks_equal_one_process_with_the_same_global_batch(tmp
     assert two[0]["losses"][-1] < two[0]["losses"][0]
 
 
-def test_align_across_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
-    # each rank holds 3 or 5 of the 8 pairs; only negatives gathered from both ranks reproduce the whole batch
-    one, two = run_ddp_script(1, tmp_path, "align"), run_ddp_script(2, tmp_path, "align")
+@pytest.mark.parametrize("kind", ["align", "align_hard"])
+def test_align_across_two_ranks_equals_one_process_on_the_whole_batch(tmp_path, kind):
+    # each rank holds 3 or 5 of the 8 pairs; only negatives (and hard negatives) gathered from both ranks
+    # reproduce the whole batch
+    one, two = run_ddp_script(1, tmp_path, kind), run_ddp_script(2, tmp_path, kind)
     assert two[0]["checksum"] == two[1]["checksum"]
     assert two[0]["losses"] == pytest.approx(one[0]["losses"], rel=1e-5)
     assert two[0]["norm"] == pytest.approx(one[0]["norm"], rel=1e-5)
+    if kind == "align_hard":  # the hard negatives were there: the first step's loss is not plain alignment's
+        plain = run_ddp_script(1, tmp_path, "align")
+        assert one[0]["losses"][0] > plain[0]["losses"][0] + 1e-3
 
 
 def test_pretrain_ranks_on_different_modalities_stay_identical(tmp_path):

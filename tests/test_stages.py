@@ -9,8 +9,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from r1_scratch.align import (MAX_LOGIT_SCALE, align_objective, caption_keys, contrastive_loss, embed_split, gather_rows,
-                              retrieval_metrics, uniformity)
+from r1_scratch.align import (MAX_LOGIT_SCALE, align_loss, align_objective, align_stage, caption_keys, config_swaps,
+                              contrastive_loss, embed_split, gather_rows, retrieval_metrics, swap_one_word, uniformity,
+                              word_swaps)
 from r1_scratch.config import get_preset, with_data_root
 from r1_scratch.data import IGNORE_INDEX, TextTokenizer, build_loader
 from r1_scratch.model import PRETRAIN_LOSSES, R1Model
@@ -121,6 +122,58 @@ def test_captions_of_one_class_share_a_key_and_are_positives(cfg):
     assert contrastive_loss(text, image, torch.tensor(10.0), keys).item() == pytest.approx(expected.item(), rel=1e-6)
     assert contrastive_loss(text, image, torch.tensor(10.0), torch.arange(4)).item() == pytest.approx(
         contrastive_loss(text, image, torch.tensor(10.0)).item(), rel=1e-6)  # distinct keys: CLIP's one-hot loss
+
+
+def test_hard_negatives_swap_one_shape_word_of_each_scene_caption(cfg):
+    tok = TextTokenizer.from_file(cfg.data.tokenizer)
+    swaps = config_swaps(cfg)
+    shapes = {tok.encode(f"a {w}")[1] for w in ("circle", "square", "triangle", "star", "cross", "diamond")}
+    assert set(swaps.counts.nonzero().flatten().tolist()) == shapes and set(swaps.counts[list(shapes)].tolist()) == {5}
+    digits = next(iter(build_loader(cfg, "val", {"digits": 1.0}, batch_size=16, num_workers=0)))
+    _, changed = swap_one_word(digits["text_ids"], digits["text_mask"], swaps)
+    assert not changed.any()                                      # a digit's caption names no shape
+    batch = next(iter(build_loader(cfg, "val", {"scenes": 1.0}, batch_size=32, num_workers=0)))
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    swapped, changed = swap_one_word(ids, mask, swaps, torch.Generator().manual_seed(0))
+    diff = (swapped != ids)
+    has_shape = torch.tensor([any(t in shapes for t in row[m].tolist()) for row, m in zip(ids, mask)])
+    assert changed.tolist() == has_shape.tolist() and has_shape.any()
+    assert diff.sum(1).tolist() == changed.long().tolist() and not (diff & ~mask).any()   # one real token per row
+    assert all(int(ids[diff][i]) in shapes and int(swapped[diff][i]) in shapes for i in range(int(diff.sum())))
+    # the same generator seed gives the same negatives (the evaluation's are fixed)
+    again, _ = swap_one_word(ids, mask, swaps, torch.Generator().manual_seed(0))
+    assert torch.equal(again, swapped)
+
+
+def test_hard_negatives_are_checked_against_the_tokenizer(cfg):
+    bad = apply_overrides(cfg, ["stages.align.options.swap_words=[[circle, rhombicuboctahedron]]"])
+    with pytest.raises(ValueError, match="stages.align.options.swap_words: swap word 'rhombicuboctahedron' is"):
+        config_swaps(bad)
+    with pytest.raises(ValueError, match="two different words"):
+        word_swaps(TextTokenizer.from_file(cfg.data.tokenizer), [["circle", "circle"]])
+    assert config_swaps(apply_overrides(cfg, ["stages.align.options.swap_words=[]"])) is None
+
+
+def test_hard_negatives_enter_the_loss_only_on_the_image_side():
+    torch.manual_seed(0)
+    text, image, hard = (F.normalize(torch.randn(n, 16), dim=-1) for n in (6, 6, 3))
+    logits, extra = 10 * text @ image.T, 10 * image @ hard.T
+    expected = (F.cross_entropy(logits, torch.arange(6)) + F.cross_entropy(torch.cat([logits.T, extra], 1), torch.arange(6))) / 2
+    assert contrastive_loss(text, image, torch.tensor(10.0), hard=hard).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_align_stage_trains_on_hard_negatives_only_when_asked_and_always_reports_them(cfg, model):
+    on, off = (apply_overrides(cfg, [f"stages.align.options.hard_negatives={v}", "stages.align.batch_size=16"])
+               for v in ("true", "false"))
+    batch = next(iter(build_loader(cfg, "train", {"scenes": 1.0}, batch_size=16, num_workers=0)))
+    torch.manual_seed(0); _, _, with_hard = align_stage(on).loss(model, batch)
+    torch.manual_seed(0); _, _, without = align_stage(off).loss(model, batch)
+    assert 0 <= with_hard["own_caption_image"] <= 1 and "own_caption_image" not in without
+    assert with_hard["loss_image"] > without["loss_image"]      # more negatives, a harder classification
+    e = embed_split(model, off, ["scenes"], swaps=config_swaps(off))
+    metrics = retrieval_metrics(e, "image")
+    own = ((e["image"] * e["text"]).sum(1) > (e["image"] * e["hard"]).sum(1))[e["has_hard"]].float().mean().item()
+    assert metrics["image_own_caption"] == pytest.approx(own) and metrics["image_own_caption_pairs"] == int(e["has_hard"].sum())
 
 
 def test_retrieval_counts_any_item_of_the_same_class_as_correct(cfg, model):
