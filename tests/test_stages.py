@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from r1_scratch.align import (MAX_LOGIT_SCALE, align_loss, align_objective, align_stage, caption_keys, config_swaps,
+from r1_scratch.align import (MAX_LOGIT_SCALE, align_objective, align_stage, caption_keys, config_swaps,
                               contrastive_loss, embed_split, gather_rows, retrieval_metrics, swap_one_word, uniformity,
                               word_swaps)
 from r1_scratch.config import get_preset, with_data_root
