@@ -20,8 +20,8 @@ from .trainer import Stage, to_device
 # %% auto #0
 __all__ = ['LABEL_KEY', 'MAX_LOGIT_SCALE', 'caption_hash', 'caption_keys', 'contrastive_loss', 'uniformity', 'gather_rows',
            'WordSwaps', 'mid_sentence_token', 'word_swaps', 'swap_one_word', 'embed_texts', 'align_objective',
-           'count_pairs', 'prefers_own_caption', 'align_loss', 'embed_split', 'recall_at', 'retrieval_metrics',
-           'config_swaps', 'align_evaluate', 'align_stage']
+           'count_pairs', 'prefers_own_caption', 'global_hard_negatives', 'align_loss', 'embed_split', 'recall_at',
+           'retrieval_metrics', 'config_swaps', 'align_evaluate', 'align_stage']
 
 # %% ../nbs/14_stage2_align.ipynb #05b8f002
 def caption_hash(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,8 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, keys
     match = torch.eye(len(a), device=a.device) if keys is None else (keys[:, None] == keys[None, :]).float()
     target = match / match.sum(1, keepdim=True)                          # symmetric, so one target serves both ways
     b_to_a = logits.T if hard is None else torch.cat([logits.T, scale * b @ hard.T], 1)  # (N, N + M)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(b_to_a, F.pad(target, (0, b_to_a.shape[1] - len(a)))))
+    b_target = F.pad(target, (0, b_to_a.shape[1] - len(a)))                # a hard negative is never the match
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(b_to_a, b_target))
 
 def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     "Wang & Isola (2020): log E exp(-t ||xi - xj||²) over pairs i != j; lower = spread over the sphere."
@@ -87,6 +88,8 @@ def word_swaps(tok: TextTokenizer, groups: list[list[str]]) -> WordSwaps:
     groups = [[mid_sentence_token(tok, w) for w in g] for g in groups]
     for g in groups:
         if len(set(g)) < 2: raise ValueError(f"a swap group needs two different words, got token ids {g}")
+    words = [t for g in groups for t in set(g)]
+    if len(words) != len(set(words)): raise ValueError("a swap word is in two groups: which group would it swap within?")
     K = max([len(g) - 1 for g in groups] + [1])
     alternatives = torch.zeros(tok.vocab_size, K, dtype=torch.long)
     counts = torch.zeros(tok.vocab_size, dtype=torch.long)
@@ -102,10 +105,10 @@ def swap_one_word(ids: torch.Tensor, mask: torch.Tensor, swaps: WordSwaps,
     counts = swaps.counts.to(ids.device)[ids] * mask                             # (B, L) alternatives of each token
     draws = torch.rand(*ids.shape, 2, generator=generator,
                        device=generator.device if generator else ids.device).to(ids.device)
-    where = (draws[..., 0] * (counts > 0)).argmax(1)                             # one random swappable position per row
+    where = torch.where(counts > 0, draws[..., 0], -1.0).argmax(1)              # one random swappable position per row
     rows = torch.arange(len(ids), device=ids.device)
     old, n = ids[rows, where], counts[rows, where]
-    choice = (draws[rows, where, 1] * n).long().clamp(max=swaps.alternatives.shape[1] - 1)  # uniform over the group
+    choice = (draws[rows, where, 1] * n).long()                                  # uniform over the n alternatives (draw < 1)
     new = swaps.alternatives.to(ids.device)[old, choice]
     swapped = ids.clone()
     swapped[rows, where] = torch.where(n > 0, new, old)
@@ -133,7 +136,7 @@ def align_objective(model, batch: dict, temperature: float | None = None, swaps:
         if has_hard.any():
             negatives = embed_texts(model.encoders, ids[has_hard], batch["text_mask"][has_hard])
             hard = hard.index_put((has_hard,), negatives.to(hard.dtype))
-        out |= dict(hard=hard, has_hard=has_hard)
+        out |= dict(hard=hard, has_hard=has_hard, hard_keys=caption_hash(ids, batch["text_mask"]))
     return out
 
 def count_pairs(batch: dict) -> torch.Tensor:
@@ -146,6 +149,12 @@ def prefers_own_caption(e: dict, kind: str) -> torch.Tensor:
     x = e[kind][pick].float()
     return (x * e["text"][pick].float()).sum(1) > (x * e["hard"][pick].float()).sum(1)
 
+def global_hard_negatives(e: dict, pick: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    "Every rank's hard negatives of the `pick` rows, less any that is word for word the caption of a pair (`keys`)."
+    rows = pick & e["has_hard"]
+    hard, hard_keys = gather_rows(e["hard"][rows].float()), gather_rows(e["hard_keys"][rows])
+    return hard[~torch.isin(hard_keys, keys)]          # "a red star" may be another clip's true transcript
+
 def align_loss(model, batch: dict, temperature: float | None = None, uniformity_weight: float = 0.1,
                swaps: WordSwaps | None = None):
     "Stage-2 loss: (global contrastive loss x this rank's pairs, weighted uniformity, metrics)."
@@ -154,10 +163,10 @@ def align_loss(model, batch: dict, temperature: float | None = None, uniformity_
     loss_sum, extra, metrics = e["text"].new_zeros((), dtype=torch.float32), 0.0, {"scale": scale.item()}
     for kind in ("image", "audio"):
         pick = e[f"has_{kind}"]
-        text, other = gather_rows(e["text"][pick].float()), gather_rows(e[kind][pick].float())
-        hard = gather_rows(e["hard"][pick & e["has_hard"]].float()) if swaps is not None else None
+        text, other, keys = (gather_rows(e[k][pick]) for k in ("text", kind, "keys"))
+        hard = global_hard_negatives(e, pick, keys) if swaps is not None else None
         if len(text) < 2: continue                      # one pair has no negative to learn from
-        loss = contrastive_loss(text, other, scale.float(), gather_rows(e["keys"][pick]), hard)
+        loss = contrastive_loss(text.float(), other.float(), scale.float(), keys, hard)
         loss_sum = loss_sum + loss * pick.sum()          # global mean, weighted by this rank's share
         extra = extra + uniformity_weight * (uniformity(text) + uniformity(other)) / 2
         metrics[f"loss_{kind}"] = loss.item()
@@ -222,6 +231,8 @@ def align_stage(cfg: Config, name: str = "align", **overrides) -> Stage:
     learnable = st.options.get("learnable_temperature", True)
     temperature = None if learnable else st.options.get("temperature", 0.1)
     swaps = config_swaps(cfg, name)  # evaluated whenever configured; trained on with options.hard_negatives
+    if st.options.get("hard_negatives", False) and swaps is None:
+        raise ValueError(f"stages.{name}.options.hard_negatives is on but swap_words names no words to swap")
     train_swaps = swaps if st.options.get("hard_negatives", False) else None
     mixture = st.mixture or cfg.data.mixture
     loader = build_loader(cfg, "train", mixture, batch_size=st.batch_size, max_tokens=st.max_tokens)

@@ -345,7 +345,7 @@ _ALIGN_WITHOUT_HARD_NEGATIVES = {**default_stages()["align"].options, "hard_nega
 PRESETS: dict[str, dict] = {
     "tiny": dict(model=dict(depth=2),  # the default launch: all three stages in a few minutes on 2 CPU cores
                  stages=dict(pretrain=dict(steps=100, batch_size=16, lr=2e-3, **_DECODER_ONLY_PRETRAIN),
-                             # 32 px is too coarse for outlines: hard negatives cost 11% of stage 2 and teach nothing here
+                             # at 32 px the ViT's 8 px patches miss outlines: hard negatives cost 11% of stage 2, teach nothing here
                              align=dict(steps=300, batch_size=32, lr=1e-3, options=_ALIGN_WITHOUT_HARD_NEGATIVES),
                              sft=dict(steps=400, max_tokens=1024, lr=2e-3))),
     "small": dict(model=dict(depth=6, image_size=64, n_mels=64, max_seq_len=512, patch_stem="conv"),

@@ -157,7 +157,8 @@ def evaluate_model(model, cfg: Config, sources: list[str], batches: int = 50, an
     options = pretrain_options(cfg.stages.get("pretrain"))
     out = dict(language_model=dict(overall=overall | {"targets": targets}, tasks=lm),
                pretrain=pretrain_evaluate(model, cfg, sources, tok, options, max_batches=batches))
-    try: out["retrieval"] = align_evaluate(model, cfg, sources, swaps=config_swaps(cfg))  # with own-caption rates
+    swaps = config_swaps(cfg)  # outside the try: a bad swap_words is an error, not a skipped metric
+    try: out["retrieval"] = align_evaluate(model, cfg, sources, swaps=swaps)  # with own-caption rates
     except ValueError as error: out["retrieval"] = {"skipped": str(error)}
     answers = {}
     for task in QA_TASKS:

@@ -24,7 +24,7 @@ from r1_scratch.data import build_loader
 from r1_scratch.distributed import init_distributed, shutdown, wrap_ddp
 from r1_scratch.model import R1Model, count_targets
 from r1_scratch.trainer import Stage, Trainer, lm_loss
-from r1_scratch.align import align_loss, count_pairs, word_swaps
+from r1_scratch.align import align_loss, count_pairs, swap_one_word, word_swaps
 from r1_scratch.data import TextTokenizer
 from r1_scratch.pretrain import batch_modality, one_per_batch, pretrain_loss
 from r1_scratch.sft import select_rows
@@ -75,6 +75,8 @@ trainer.fit(resume=False)
 weights = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
 result = dict(rank=rt.rank, world=rt.world, losses=[h["loss"] for h in trainer.history],
               checksum=weights.sum().item(), norm=weights.norm().item())
+if kind == "align_hard":  # how many hard negatives this rank held in each step
+    result["hard_rows"] = [int(swap_one_word(b["text_ids"], b["text_mask"], swaps)[1].sum()) for b in mine[:steps]]
 Path(out_dir).mkdir(parents=True, exist_ok=True)
 (Path(out_dir) / f"rank{rt.rank}.json").write_text(json.dumps(result))
 shutdown(rt)

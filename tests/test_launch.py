@@ -159,6 +159,8 @@ def test_align_across_two_ranks_equals_one_process_on_the_whole_batch(tmp_path, 
     if kind == "align_hard":  # the hard negatives were there: the first step's loss is not plain alignment's
         plain = run_ddp_script(1, tmp_path, "align")
         assert one[0]["losses"][0] > plain[0]["losses"][0] + 1e-3
+        # and in some step one rank held none while the other held some: the case where ranks could diverge
+        assert any(min(a, b) == 0 < max(a, b) for a, b in zip(two[0]["hard_rows"], two[1]["hard_rows"])), two
 
 
 def test_pretrain_ranks_on_different_modalities_stay_identical(tmp_path):
