@@ -19,8 +19,8 @@ from .trainer import Stage, to_device
 
 # %% auto #0
 __all__ = ['LABEL_KEY', 'MAX_LOGIT_SCALE', 'caption_hash', 'caption_keys', 'contrastive_loss', 'uniformity', 'gather_rows',
-           'WordSwaps', 'mid_sentence_token', 'word_swaps', 'swap_one_word', 'embed_texts', 'align_objective',
-           'count_pairs', 'prefers_own_caption', 'global_hard_negatives', 'align_loss', 'embed_split', 'recall_at',
+           'WordSwaps', 'mid_sentence_token', 'word_swaps', 'swap_one_word', 'align_objective', 'count_pairs',
+           'prefers_own_caption', 'global_hard_negatives', 'align_loss', 'embed_split', 'recall_at',
            'retrieval_metrics', 'config_swaps', 'align_evaluate', 'align_stage']
 
 # %% ../nbs/14_stage2_align.ipynb #05b8f002
@@ -114,10 +114,6 @@ def swap_one_word(ids: torch.Tensor, mask: torch.Tensor, swaps: WordSwaps,
     swapped[rows, where] = torch.where(n > 0, new, old)
     return swapped, n > 0
 
-def embed_texts(encoders, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    "Normalised text embeddings (B, F), made as `FusedEmbedding` makes them."
-    return F.normalize(encoders.fusion.proj["text"](encoders.text(ids, mask).pooled), dim=-1)
-
 # %% ../nbs/14_stage2_align.ipynb #156c475b
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps 1 / temperature here, so the learned scale cannot run away
 
@@ -134,8 +130,8 @@ def align_objective(model, batch: dict, temperature: float | None = None, swaps:
         ids, has_hard = swap_one_word(batch["text_ids"], batch["text_mask"], swaps, generator)
         hard = 0 * fused.text  # in the graph on every rank, also without a negative: DDP ranks must run the same backward
         if has_hard.any():
-            negatives = embed_texts(model.encoders, ids[has_hard], batch["text_mask"][has_hard])
-            hard = hard.index_put((has_hard,), negatives.to(hard.dtype))
+            swapped_text = model.encoders.text(ids[has_hard], batch["text_mask"][has_hard])
+            hard = hard.index_put((has_hard,), model.encoders.fusion.embed("text", swapped_text).to(hard.dtype))
         out |= dict(hard=hard, has_hard=has_hard, hard_keys=caption_hash(ids, batch["text_mask"]))
     return out
 

@@ -37,9 +37,13 @@ class FusedEmbedding(nn.Module):
         super().__init__()
         self.proj = nn.ModuleDict({m: nn.Linear(dim, fusion_dim) for m in MODALITIES})
 
+    def embed(self, modality: str, out: EncoderOutput) -> torch.Tensor:
+        "One modality's pooled output -> its normalised embedding (B, F) in the shared space."
+        return F.normalize(self.proj[modality](out.pooled), dim=-1)
+
     def forward(self, text: EncoderOutput, image: EncoderOutput, audio: EncoderOutput) -> FusedOutput:
         outs = dict(text=text, image=image, audio=audio)
-        emb = {m: F.normalize(self.proj[m](outs[m].pooled), dim=-1) for m in MODALITIES}  # (B, F) each
+        emb = {m: self.embed(m, outs[m]) for m in MODALITIES}                           # (B, F) each
         present = torch.stack([outs[m].mask.any(1) for m in MODALITIES], 1)              # (B, 3)
         stacked = torch.stack([emb[m] for m in MODALITIES], 1) * present[..., None]      # (B, 3, F)
         fused = stacked.sum(1) / present.sum(1, keepdim=True).clamp(min=1)

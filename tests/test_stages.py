@@ -10,10 +10,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from r1_scratch.align import (MAX_LOGIT_SCALE, align_objective, align_stage, caption_keys, config_swaps,
-                              contrastive_loss, embed_split, gather_rows, global_hard_negatives, retrieval_metrics,
-                              swap_one_word, uniformity,
-                              word_swaps)
-from r1_scratch.config import get_preset, with_data_root
+                              contrastive_loss, embed_split, gather_rows, global_hard_negatives, mid_sentence_token,
+                              retrieval_metrics, swap_one_word, uniformity, word_swaps)
+from r1_scratch.config import SHAPE_WORDS, get_preset, with_data_root
 from r1_scratch.data import IGNORE_INDEX, TextTokenizer, build_loader
 from r1_scratch.model import PRETRAIN_LOSSES, R1Model
 from r1_scratch.pretrain import batch_modality, patchify, span_mask, uncertainty_weighted
@@ -128,7 +127,7 @@ def test_captions_of_one_class_share_a_key_and_are_positives(cfg):
 def test_hard_negatives_swap_one_shape_word_of_each_scene_caption(cfg):
     tok = TextTokenizer.from_file(cfg.data.tokenizer)
     swaps = config_swaps(cfg)
-    shapes = {tok.encode(f"a {w}")[1] for w in ("circle", "square", "triangle", "star", "cross", "diamond")}
+    shapes = {mid_sentence_token(tok, w) for w in SHAPE_WORDS}
     assert set(swaps.counts.nonzero().flatten().tolist()) == shapes and set(swaps.counts[list(shapes)].tolist()) == {5}
     digits = next(iter(build_loader(cfg, "val", {"digits": 1.0}, batch_size=16, num_workers=0)))
     _, changed = swap_one_word(digits["text_ids"], digits["text_mask"], swaps)
