@@ -5,6 +5,8 @@ evaluation entry point on the validation split: what `small` reaches on one GPU.
 
 Two variants side by side on a 2-GPU machine: grow the data once (--grow-only), then start each run with its own
 CUDA_VISIBLE_DEVICES, --runs and --out (and --detach); a complete growth of the same scale in --data is reused.
+Stage-3 variants on one shared stage 1-2: train `--stages pretrain align` once (no evaluation without stage 3), copy
+<runs>/stages-<preset> into each variant's --runs, and start each with --resume: its JSON marks the stages it reused.
 
 --scale K first generates K independent draws of the bundled train split with the course's own generator (seeds
 0..K-1, so K times the records, 4K shards per source) into --data, in parallel on every core, and trains on that:
@@ -139,6 +141,9 @@ def main():
     p.add_argument("--grow-only", action="store_true", help="generate the --scale data, then stop (runs after it reuse it)")
     p.add_argument("--train-answers", action="store_true", help="also score the questions of the train split (can it fit them?)")
     p.add_argument("--detach", metavar="LOG", help="run in a new session, output to LOG, and return at once")
+    p.add_argument("--stages", nargs="+", help="train only these stages (the launch's --stages); without sft no evaluation")
+    p.add_argument("--resume", action="store_true",
+                   help="keep <runs>/stages-<preset> and reuse its finished stages (a copy of a shared stage 1-2 run)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args()  # key=value overrides may sit between options
     if args.grow_only and args.scale < 2: p.error("--grow-only needs --scale 2 or more (scale 1 is the bundled data)")
@@ -164,10 +169,11 @@ def main():
                 f"data.tokenizer={args.data}/tokenizer.json"]
     if args.grow_only: return
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}",
-           "r1_scratch/launch.py", "--preset", args.preset, "--name", name, "--fresh", f"train.out_dir={args.runs}",
+           "r1_scratch/launch.py", "--preset", args.preset, "--name", name, *([] if args.resume else ["--fresh"]),
+           *(["--stages", *args.stages] if args.stages else []), f"train.out_dir={args.runs}",
            "train.wandb=disabled", *data, *args.overrides]
     env = {**os.environ, "R1_NO_PROGRESS": "1"}
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     train = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
     result = dict(command=" ".join(["python", *sys.argv]), launch=" ".join(cmd[2:]), preset=args.preset, gpus=args.gpus,
@@ -182,6 +188,7 @@ def main():
         if path.exists():
             summary = json.loads(path.read_text())
             stages[stage] = {k: summary.get(k) for k in KEEP} | {k: v for k, v in summary.items() if k.startswith("val_")}
+            if path.stat().st_mtime < started: stages[stage]["reused"] = True  # --resume: trained by the run copied
     result["stages"] = stages
     sft = stages.get("sft", {})
     reached = {**{k[4:]: v for s in stages.values() for k, v in s.items() if "R@1" in k},
@@ -190,7 +197,7 @@ def main():
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))  # now, in case the evaluation runs out of time
     print(json.dumps(result["targets"]), flush=True)
-    if not train.returncode:
+    if not train.returncode and "sft" in stages:
         ev = subprocess.run([sys.executable, "-m", "r1_scratch.launch", "--eval", str(run), "--batches", str(args.eval_batches)],
                             capture_output=True, text=True, env=env)
         if ev.returncode: result["eval_error"] = ev.stderr[-3000:]

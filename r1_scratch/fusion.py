@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .audio import AudioEncoder
+from .audio import AudioEncoder, sinusoidal_positions
 from .layers import EncoderOutput
 from .text import TextEncoder
 from .vision import VisionEncoder
@@ -122,6 +122,13 @@ class DecoderInputs(nn.Module):
         self.project = nn.ModuleDict({m: ModalityProjector(enc_dim, dim) for m in ("image", "audio")})
         self.modality_embedding = nn.Embedding(len(MODALITY_IDS), dim)
         self.token_embedding = nn.Embedding(vocab_size, dim)
+        # sin-cos codes have entries of RMS 1/sqrt(2); the embeddings start at std 0.02 (init_weights): this gain starts
+        # the codes at the embeddings' scale, and learns the balance (10_model shows what raw codes do to the decoder)
+        self.position_gain = nn.Parameter(torch.tensor(0.02 * 2 ** 0.5))
+
+    def position_codes(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        "Scaled sin-cos codes (..., D) of `positions` (...), each below `length`: what the decoder adds to its inputs."
+        return self.position_gain * sinusoidal_positions(length, self.token_embedding.embedding_dim, positions.device)[positions]
 
     def forward(self, image: EncoderOutput, audio: EncoderOutput, input_ids, attention_mask,
                 blocked: set[tuple[str, str]] = frozenset()) -> tuple[TokenSequence, torch.Tensor]:

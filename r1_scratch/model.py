@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .audio import sinusoidal_positions
 from .config import ModelConfig
 from .fusion import MODALITY_IDS, DecoderInputs, MultiModalEncoder
 from .layers import MLP, EncoderOutput, MultiHeadAttention, RMSNorm, init_weights
@@ -114,8 +113,8 @@ class R1Model(nn.Module):
         if objective is not None: return objective(self, batch)  # DDP only syncs what runs inside its forward
         image, audio = self.encode_prefix(batch)
         seq, mask = self.inputs(image, audio, batch["input_ids"], batch["attention_mask"])
-        codes = sinusoidal_positions(seq.positions.shape[1], self.cfg.d_model, seq.embeds.device)
-        x = seq.embeds + codes[seq.positions].to(seq.embeds.dtype)         # positions < L: they count real tokens
+        codes = self.inputs.position_codes(seq.positions, seq.positions.shape[1])  # positions < L: they count real tokens
+        x = seq.embeds + codes.to(seq.embeds.dtype)
         info = TokenInfo(seq.valid, seq.modality, sequence_complexity(seq.valid, self.max_len))
         balance = z = x.new_zeros((), dtype=torch.float32)
         kv = []
@@ -193,7 +192,7 @@ def generate(model: R1Model, batch: dict, max_new_tokens: int = 32, temperature:
         new.append(token); done = done | (token == eos_id) if eos_id is not None else done
         if done.all(): break
         x = model.inputs.token_embedding(token)[:, None] + model.inputs.modality_embedding(text_id)
-        x = x + sinusoidal_positions(valid.shape[1] + 1, model.cfg.d_model, x.device)[position[:, None]].to(x.dtype)
+        x = x + model.inputs.position_codes(position[:, None], valid.shape[1] + 1).to(x.dtype)
         valid = torch.cat([valid, torch.ones_like(valid[:, :1])], 1)
         info = TokenInfo(torch.ones_like(text_id, dtype=torch.bool), text_id, complexity)
         for i, block in enumerate(model.blocks): x, _, kv[i] = block(x, valid[:, None, :], info, past_kv=kv[i])

@@ -31,6 +31,23 @@ def test_loss_sum_counts_response_tokens_only(setup):
     assert batch["has_image"].any() and (batch["audio_lengths"] > 0).any()
 
 
+def test_position_codes_start_at_the_embeddings_scale_and_learn(setup):
+    cfg, model, batch = setup
+    inputs = model.inputs
+    codes = inputs.position_codes(torch.arange(64), 64)
+    embedding_rms = inputs.token_embedding.weight.pow(2).mean().sqrt()
+    assert 0.8 < (codes.pow(2).mean().sqrt() / embedding_rms).item() < 1.25  # unscaled codes are ~35x
+    model.train()
+    try:
+        loss, n = lm_loss_sum(model(batch).logits, batch["labels"])
+        (loss / n).backward()
+        gain_grad = inputs.position_gain.grad.clone()
+    finally:
+        model.eval(); model.zero_grad(set_to_none=True)  # the module's model stays as the other tests expect it
+    assert gain_grad.abs() > 0
+    assert "inputs.position_gain" in dict(model.named_parameters())  # trained wherever a stage trains "inputs"
+
+
 def test_generation_with_cache_equals_recomputation(setup):
     cfg, model, batch = setup
     tok = TextTokenizer.from_file(cfg.data.tokenizer)
