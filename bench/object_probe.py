@@ -43,7 +43,7 @@ def scenes_and_images(n: int, seed: int, size: int) -> tuple[list[dict], torch.T
 
 
 def object_patches(o: dict, grid: int) -> torch.Tensor:
-    "(grid*grid,) bool: the patches whose square the object's outline (a circle of its radius) reaches into."
+    "(grid*grid,) bool: the patches that the object's bounding square (side 2.3 radii, row-major) reaches into."
     cell = IMAGE_SIZE / grid                                  # a patch's side in the scene's pixels
     start = torch.arange(grid) * cell                          # where each row / column of patches begins
     r = RADIUS[o["size"]] * 1.15                               # the pointed shapes reach a little past the radius
@@ -129,14 +129,13 @@ def main():
     torch.manual_seed(0)
     streams["fresh encoder"] = encoder_tokens(R1Model(cfg.model).to(device).eval(), images)
     sources = [str(align)]
-    try:
-        sft = find_checkpoint(run / "sft")
+    try: sft = find_checkpoint(run / "sft")
+    except CheckpointError: sft = None  # a run that stopped after stage 2: its encoder alone
+    if sft is not None:
         tuned, _ = load(sft, device)
         streams["stage-3 encoder"] = encoder_tokens(tuned, images)
         streams |= {f"stage-3 {k}": v for k, v in decoder_streams(tuned, images).items()}
         sources.append(str(sft))
-    except CheckpointError:
-        pass
     objects = None
     result = {}
     for name, tokens in streams.items():

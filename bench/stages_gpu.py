@@ -141,11 +141,15 @@ def main():
     p.add_argument("--grow-only", action="store_true", help="generate the --scale data, then stop (runs after it reuse it)")
     p.add_argument("--train-answers", action="store_true", help="also score the questions of the train split (can it fit them?)")
     p.add_argument("--detach", metavar="LOG", help="run in a new session, output to LOG, and return at once")
-    p.add_argument("--stages", nargs="+", help="train only these stages (the launch's --stages); without sft no evaluation")
+    p.add_argument("--stages", nargs="+", help="train only these stages (the launch's --stages), naming every earlier "
+                   "stage too: one not named is not loaded, also with --resume; without sft no evaluation")
     p.add_argument("--resume", action="store_true",
                    help="keep <runs>/stages-<preset> and reuse its finished stages (a copy of a shared stage 1-2 run)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args()  # key=value overrides may sit between options
+    if args.stages:  # --stages takes every word after it: key=value words are overrides (as in the launch)
+        args.overrides += [s for s in args.stages if "=" in s]
+        args.stages = [s for s in args.stages if "=" not in s]
     if args.grow_only and args.scale < 2: p.error("--grow-only needs --scale 2 or more (scale 1 is the bundled data)")
     if args.detach and not os.environ.get("R1_STAGES_DETACHED"):  # the child runs the same argv, and must not detach
         with open(args.detach, "w") as log:
