@@ -93,13 +93,14 @@ def grow_chunk(job: tuple) -> int:
     return n
 
 
-def grow_data(out: Path, scale: int) -> dict:
-    "data_samples/ copied to `out`, its train split replaced by `scale` independent draws of every source it can make here."
+def grow_data(out: Path, scale: int, sources: list[str] | None = None) -> dict:
+    """data_samples/ copied to `out`, its train split replaced by `scale` independent draws of `sources` (default:
+    every source it can make here); the others keep the bundled shards, repeated."""
     from multiprocessing import get_context
     from r1_scratch.samples import SHARDS, SOURCES
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(HERE.parent / "data_samples", out)
-    sources = list(SOURCES) if shutil.which("espeak-ng") else list(SILENT)
+    sources = sources or (list(SOURCES) if shutil.which("espeak-ng") else list(SILENT))
     for source in sources:
         for old in (out / "train").glob(f"{source}-*.tar"): old.unlink()
     jobs = [(str(out), s, SOURCES[s][0], seed) for s in sources for seed in range(scale)]

@@ -108,6 +108,7 @@ class ModelConfig:
     image_channels: int = 3
     image_pool: Literal["mean", "max"] = "max"  # one vector per image: max keeps a small object (05_vision_encoder)
     patch_stem: Literal["linear", "conv"] = "linear"  # patches by one Linear (ViT) or 3x3 stride-2 convs (05_vision_encoder)
+    image_positions: Literal["raster", "grid"] = "raster"  # the decoder's codes for image tokens: 1-D reading order or 2-D (07_fusion)
     sample_rate: int = 16000             # audio is resampled to this
     n_mels: int = 40
     n_fft: int = 400                     # 25 ms at 16 kHz
@@ -174,6 +175,9 @@ def check_model(m: ModelConfig) -> ModelConfig:
     _require(m.n_heads * m.head_dim == m.d_model,
              f"model.n_heads={m.n_heads} x model.head_dim={m.head_dim} = {m.n_heads * m.head_dim} but "
              f"model.d_model={m.d_model}: set model.head_dim={m.d_model // m.n_heads} too")
+    _require(m.image_positions == "raster" or m.d_model % 4 == 0,
+             f"model.image_positions='grid' splits the codes into row and column sin-cos pairs: model.d_model={m.d_model} "
+             "must be a multiple of 4")
     _require(m.patch_stem == "linear" or (m.patch_size >= 2 and m.patch_size & (m.patch_size - 1) == 0),
              f"model.patch_stem='conv' halves the image log2(patch_size) times: model.patch_size={m.patch_size} "
              "must be a power of two")

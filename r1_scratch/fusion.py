@@ -3,6 +3,7 @@
 # %% ../nbs/07_fusion.ipynb #34437f8f
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from .audio import AudioEncoder, sinusoidal_positions
 from .layers import EncoderOutput
 from .text import TextEncoder
-from .vision import VisionEncoder
+from .vision import VisionEncoder, sincos_2d
 
 # %% auto #0
 __all__ = ['MODALITIES', 'MODALITY_IDS', 'FusedOutput', 'FusedEmbedding', 'MultiModalEncoder', 'ModalityProjector',
@@ -117,8 +118,9 @@ def cross_modal_mask(modality: torch.Tensor, valid: torch.Tensor,
 # %% ../nbs/07_fusion.ipynb #bdeec4b9
 class DecoderInputs(nn.Module):
     "Project image and audio tokens, embed text, assemble [image][audio][text] with a cross-modal mask."
-    def __init__(self, enc_dim: int, dim: int, vocab_size: int):
+    def __init__(self, enc_dim: int, dim: int, vocab_size: int, image_positions: str = "raster"):
         super().__init__()
+        self.image_positions = image_positions  # "grid": image tokens get 2-D codes (row, column) instead of reading order
         self.project = nn.ModuleDict({m: ModalityProjector(enc_dim, dim) for m in ("image", "audio")})
         self.modality_embedding = nn.Embedding(len(MODALITY_IDS), dim)
         self.token_embedding = nn.Embedding(vocab_size, dim)
@@ -129,6 +131,15 @@ class DecoderInputs(nn.Module):
     def position_codes(self, positions: torch.Tensor, length: int) -> torch.Tensor:
         "Scaled sin-cos codes (..., D) of `positions` (...), each below `length`: what the decoder adds to its inputs."
         return self.position_gain * sinusoidal_positions(length, self.token_embedding.embedding_dim, positions.device)[positions]
+
+    def sequence_codes(self, seq: TokenSequence, image_tokens: int) -> torch.Tensor:
+        "(B, L, D) codes for an assembled sequence whose first `image_tokens` tokens are a square grid of patches."
+        codes = self.position_codes(seq.positions, seq.positions.shape[1])
+        if self.image_positions == "raster" or image_tokens == 0: return codes
+        side = math.isqrt(image_tokens)
+        if side * side != image_tokens: raise ValueError(f"image_positions='grid' needs a square patch grid, got {image_tokens} tokens")
+        grid = self.position_gain * sincos_2d(side, side, codes.shape[-1], codes.device).flatten(0, 1)  # (N, D), row-major
+        return torch.cat([grid.expand(codes.shape[0], -1, -1).to(codes.dtype), codes[:, image_tokens:]], 1)
 
     def forward(self, image: EncoderOutput, audio: EncoderOutput, input_ids, attention_mask,
                 blocked: set[tuple[str, str]] = frozenset()) -> tuple[TokenSequence, torch.Tensor]:

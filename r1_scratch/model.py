@@ -91,7 +91,7 @@ class R1Model(nn.Module):
         super().__init__()
         self.cfg = m
         self.encoders = MultiModalEncoder(m)
-        self.inputs = DecoderInputs(m.d_model, m.d_model, m.vocab_size)
+        self.inputs = DecoderInputs(m.d_model, m.d_model, m.vocab_size, m.image_positions)
         self.blocks = nn.ModuleList(DecoderBlock(m, moe=i >= m.n_dense_layers) for i in range(m.n_layers))
         self.norm = RMSNorm(m.d_model)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
@@ -113,7 +113,7 @@ class R1Model(nn.Module):
         if objective is not None: return objective(self, batch)  # DDP only syncs what runs inside its forward
         image, audio = self.encode_prefix(batch)
         seq, mask = self.inputs(image, audio, batch["input_ids"], batch["attention_mask"])
-        codes = self.inputs.position_codes(seq.positions, seq.positions.shape[1])  # positions < L: they count real tokens
+        codes = self.inputs.sequence_codes(seq, image.tokens.shape[1])  # positions count real tokens; image: see 07_fusion
         x = seq.embeds + codes.to(seq.embeds.dtype)
         info = TokenInfo(seq.valid, seq.modality, sequence_complexity(seq.valid, self.max_len))
         balance = z = x.new_zeros((), dtype=torch.float32)
