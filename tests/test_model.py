@@ -61,6 +61,30 @@ def test_generation_with_cache_equals_recomputation(setup):
     assert generate(model, one, max_new_tokens=8) == cached[2:3]
 
 
+def test_grid_positions_change_the_image_tokens_only_and_keep_the_cache_exact(setup):
+    cfg, model, batch = setup
+    grid_cfg = apply_overrides(cfg, ["model.image_positions=grid"])
+    grid = R1Model(grid_cfg.model).eval()
+    grid.load_state_dict(model.state_dict())  # no new parameters: a raster checkpoint loads
+    has_image = batch["has_image"]
+    assert has_image.any() and (~has_image).any()
+    with torch.no_grad():
+        raster_logits, grid_logits = model(batch).logits, grid(batch).logits
+    # the same weights read the same text-only rows; rows with an image read their patches at other positions
+    torch.testing.assert_close(grid_logits[~has_image], raster_logits[~has_image])
+    assert (grid_logits[has_image] - raster_logits[has_image]).abs().max() > 1e-4
+    tok = TextTokenizer.from_file(cfg.data.tokenizer)
+    prompts = {**batch, "input_ids": batch["input_ids"].where(batch["labels"] == -100, tok.pad_id),
+               "attention_mask": batch["attention_mask"] & (batch["labels"] == -100)}
+    assert generate(grid, prompts, max_new_tokens=6) == generate(grid, prompts, max_new_tokens=6, use_cache=False)
+
+
+def test_grid_positions_need_a_width_divisible_by_4():
+    from r1_scratch.config import ConfigError, ModelConfig, check_model
+    with pytest.raises(ConfigError, match="image_positions"):
+        check_model(ModelConfig(depth=2, d_model=130, head_dim=65, image_positions="grid"))
+
+
 def test_stop_token_cuts_each_row_after_it(setup):
     cfg, model, batch = setup
     free = generate(model, batch, max_new_tokens=6)
