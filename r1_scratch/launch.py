@@ -169,7 +169,7 @@ def evaluate_model(model, cfg: Config, sources: list[str], batches: int = 50, an
     return out
 
 def evaluate_checkpoint(path: str | os.PathLike, shards: str | None = None, batches: int = 50,
-                        rt: Runtime | None = None) -> dict:
+                        rt: Runtime | None = None, answers: int = 64) -> dict:
     "Every metric of every stage on `shards` (default: the config's val split) for the checkpoint at `path`."
     ckpt = find_checkpoint(path)
     meta = json.loads((ckpt / "meta.json").read_text())
@@ -179,7 +179,7 @@ def evaluate_checkpoint(path: str | os.PathLike, shards: str | None = None, batc
     model = R1Model(cfg.model)
     Checkpoints(ckpt.parent).load(ckpt, model)
     model.to(rt.device).eval()
-    with torch.no_grad(), autocast(rt): metrics = evaluate_model(model, cfg, val_sources(cfg), batches)
+    with torch.no_grad(), autocast(rt): metrics = evaluate_model(model, cfg, val_sources(cfg), batches, answers)
     return dict(checkpoint=str(ckpt), stage=meta.get("stage"), step=meta.get("step"), shards=cfg.data.val, **metrics)
 
 # %% ../nbs/21_launch.ipynb #e77d2421
@@ -195,6 +195,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval", metavar="CHECKPOINT", help="evaluate this checkpoint (or stage/run directory) and print JSON")
     p.add_argument("--shards", help="with --eval: shard pattern to evaluate on (may contain {task}); default the val split")
     p.add_argument("--batches", type=int, default=50, help="with --eval: batches per task at most")
+    p.add_argument("--answers", type=int, default=64,
+                   help="with --eval: questions scored per QA task at most (60 val questions give +-0.06; more shards, more)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=100")
     args = p.parse_args(argv)
     if args.stages:  # `--stages sft train.lr=1e-3`: the list swallows what follows it; a key=value is an override
@@ -202,13 +204,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.stages = [a for a in args.stages if "=" not in a]
     bad = [o for o in args.overrides if "=" not in o]
     if bad: p.error(f"{bad[0]!r} is not key=value (did you mean --{bad[0]}?)")
+    if args.answers < 1 or args.batches < 1: p.error("--answers and --batches must be at least 1")
     return args
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.eval:
-            result = evaluate_checkpoint(args.eval, args.shards, args.batches)
+            result = evaluate_checkpoint(args.eval, args.shards, args.batches, answers=args.answers)
             print(json.dumps(result, indent=1))
             return 0
         cfg = resolve_config(args.config, args.preset, args.overrides)

@@ -109,10 +109,10 @@ def test_eval_prints_every_stage_metric_as_json(unbroken):
         assert sorted(by_kind) == sorted(kinds) and sum(k["samples"] for k in by_kind.values()) == answers["samples"]
         overall = sum(k["accuracy"] * k["samples"] for k in by_kind.values()) / answers["samples"]
         assert abs(overall - answers["accuracy"]) < 1e-3  # the kinds split the same answers, nothing lost or counted twice
-    one = json.loads(launch("--eval", str(run), "--batches", "1",
+    one = json.loads(launch("--eval", str(run), "--batches", "1", "--answers", "25",
                             "--shards", str(REPO / "data_samples/val/vqa-{000000..000001}.tar")).stdout)
     assert list(one["language_model"]["tasks"]) == ["all"] and list(one["answers"]) == ["vqa"]
-    assert one["answers"]["vqa"]["samples"] == 60 and "skipped" in one["retrieval"]   # no captions among questions
+    assert one["answers"]["vqa"]["samples"] == 25 and "skipped" in one["retrieval"]   # no captions among questions
     missing = launch("--eval", str(run.parent / "nothing"), check=False)
     assert missing.returncode == 2 and "no checkpoint under" in missing.stderr
 
@@ -123,6 +123,7 @@ def test_eval_prints_every_stage_metric_as_json(unbroken):
     (["stages.align.batch_size=0"], "stages.align.batch_size must be positive, got 0"),
     (["model.n_heads=3"], "model.n_heads=3 does not divide model.d_model=128"),
     (["max_steps"], "'max_steps' is not key=value"),
+    (["--eval", "runs/x", "--answers", "0"], "--answers and --batches must be at least 1"),
 ])
 def test_bad_input_is_named(args, message, tmp_path):
     result = launch(f"train.out_dir={tmp_path}", *args, check=False)
