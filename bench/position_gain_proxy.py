@@ -73,7 +73,7 @@ def main():
     from stages_gpu import grow_data, grown_before
     data, runs = Path(args.data), Path(args.runs)
     t0 = time.perf_counter()
-    if not grown_before(data, 16): grow_data(data, 16, SILENT_NEEDED)
+    if not grown_before(data, 16, SILENT_NEEDED): grow_data(data, 16, SILENT_NEEDED)
     result = dict(command="python bench/position_gain_proxy.py", what=__doc__.split("\n\n")[2].replace("\n", " "),
                   launch_overrides=" ".join(launch_args(data, runs, "ARM")[4:]), grow_seconds=round(time.perf_counter() - t0, 1),
                   arms={})

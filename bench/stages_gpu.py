@@ -103,7 +103,7 @@ def grow_data(out: Path, scale: int, sources: list[str] | None = None) -> dict:
     from r1_scratch.samples import SHARDS, SOURCES
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(HERE.parent / "data_samples", out)
-    sources = sources or (list(SOURCES) if shutil.which("espeak-ng") else list(SILENT))
+    sources = sources or default_sources()
     for source in sources:
         for old in (out / "train").glob(f"{source}-*.tar"): old.unlink()
     jobs = [(str(out), s, SOURCES[s][0], seed) for s in sources for seed in range(scale)]
@@ -114,8 +114,14 @@ def grow_data(out: Path, scale: int, sources: list[str] | None = None) -> dict:
         for seed in range(1, scale):
             for s in range(per): shutil.copy(out / "train" / f"{source}-{s:06d}.tar", out / "train" / f"{source}-{seed * per + s:06d}.tar")
     grown = {s: n * (scale if s in sources else 1) for s, (n, _) in SOURCES.items()}
-    (out / "grown.json").write_text(json.dumps(dict(scale=scale, records=grown)))  # last: marks the folder complete
+    (out / "grown.json").write_text(json.dumps(dict(scale=scale, sources=sorted(sources), records=grown)))  # last: marks it complete
     return grown
+
+
+def default_sources() -> list[str]:
+    "Every source where espeak-ng runs, else the silent ones."
+    from r1_scratch.samples import SOURCES
+    return list(SOURCES) if shutil.which("espeak-ng") else list(SILENT)
 
 
 def grow_questions(out: Path, draws: int) -> str:
@@ -126,20 +132,23 @@ def grow_questions(out: Path, draws: int) -> str:
     sources = ["vqa", "audio_qa"] if shutil.which("espeak-ng") else ["vqa"]
     marker, pattern = out / "draws.json", f"{out}/val/{{task}}-{{{SHARDS['val']:06d}..{SHARDS['val'] * (draws + 1) - 1:06d}}}.tar"
     if marker.exists() and json.loads(marker.read_text()) == dict(draws=draws, sources=sources): return pattern  # grown before
-    shutil.rmtree(out, ignore_errors=True)
-    (out / "val").mkdir(parents=True)
-    jobs = [(str(out), s, SOURCES[s][1], seed, "val") for s in sources for seed in range(1, draws + 1)]
+    staging = out.with_name(f"{out.name}.{os.getpid()}")  # grown aside, then renamed: a run beside this one never reads half
+    (staging / "val").mkdir(parents=True)
+    jobs = [(str(staging), s, SOURCES[s][1], seed, "val") for s in sources for seed in range(1, draws + 1)]
     with get_context("spawn").Pool(os.cpu_count()) as pool: pool.map(grow_chunk, jobs, chunksize=1)
-    marker.write_text(json.dumps(dict(draws=draws, sources=sources)))  # last: marks the folder complete
+    (staging / "draws.json").write_text(json.dumps(dict(draws=draws, sources=sources)))
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
     return pattern
 
 
-def grown_before(out: Path, scale: int) -> dict | None:
-    "The record counts of a complete earlier growth of `scale` draws in `out` (two runs can share one), else None."
+def grown_before(out: Path, scale: int, sources: list[str] | None = None) -> dict | None:
+    "The record counts of a complete earlier growth of `scale` draws of `sources` in `out` (runs can share one), else None."
     marker = out / "grown.json"
     if not marker.exists(): return None
     done = json.loads(marker.read_text())
-    return done["records"] if done["scale"] == scale else None
+    same = done["scale"] == scale and done.get("sources") == sorted(sources or default_sources())
+    return done["records"] if same else None
 
 
 def shard_pattern(folder: Path, split: str) -> str:
@@ -172,6 +181,7 @@ def main():
     if args.stages:  # --stages takes every word after it: key=value words are overrides (as in the launch)
         args.overrides += [s for s in args.stages if "=" in s]
         args.stages = [s for s in args.stages if "=" not in s]
+    if args.val_draws < 0: p.error(f"--val-draws must be 0 or more, got {args.val_draws}")
     if args.grow_only and args.scale < 2 and not args.val_draws:
         p.error("--grow-only needs --scale 2 or more (scale 1 is the bundled data), or --val-draws")
     if args.detach and not os.environ.get("R1_STAGES_DETACHED"):  # the child runs the same argv, and must not detach

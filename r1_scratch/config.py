@@ -359,7 +359,7 @@ PRESETS: dict[str, dict] = {
                   stages=dict(pretrain=dict(steps=300, batch_size=64, grad_accum=2, lr=1e-3, **_DECODER_ONLY_PRETRAIN),
                               align=dict(steps=1500, batch_size=128, lr=5e-4),
                               # 4x micro-batches (1.6-2.5x the tokens/s) and the vision encoder tuned at 0.1x the lr:
-                              # the best measured run (15_stage3_sft, bench/results/stages_small_h200.json)
+                              # variant F's settings (15_stage3_sft, bench/results/stages_small_h200.json)
                               sft=dict(steps=560, max_tokens=32768, batch_size=512, lr=1e-3,
                                        trainable=["inputs", "blocks", "norm", "lm_head", "encoders.vision"],
                                        lr_scale={"encoders.vision": 0.1}))),

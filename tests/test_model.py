@@ -73,6 +73,14 @@ def test_grid_positions_change_the_image_tokens_only_and_keep_the_cache_exact(se
     # the same weights read the same text-only rows; rows with an image read their patches at other positions
     torch.testing.assert_close(grid_logits[~has_image], raster_logits[~has_image])
     assert (grid_logits[has_image] - raster_logits[has_image]).abs().max() > 1e-4
+    # the codes themselves: row-major, the row in the first half of the channels, the column in the second
+    image, audio = grid.encode_prefix(batch)
+    seq, _ = grid.inputs(image, audio, batch["input_ids"], batch["attention_mask"])
+    n = image.tokens.shape[1]; side = math.isqrt(n); half = cfg.model.d_model // 2
+    codes = grid.inputs.sequence_codes(seq, n)[0, :n].view(side, side, -1)
+    torch.testing.assert_close(codes[:, :1, :half].expand(-1, side, -1), codes[:, :, :half])   # row half: same along a row
+    torch.testing.assert_close(codes[:1, :, half:].expand(side, -1, -1), codes[:, :, half:])   # column half: same down a column
+    assert not torch.allclose(codes[0, 0], codes[0, 1]) and not torch.allclose(codes[0, 0], codes[1, 0])
     tok = TextTokenizer.from_file(cfg.data.tokenizer)
     prompts = {**batch, "input_ids": batch["input_ids"].where(batch["labels"] == -100, tok.pad_id),
                "attention_mask": batch["attention_mask"] & (batch["labels"] == -100)}
