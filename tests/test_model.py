@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from r1_scratch.config import apply_overrides, get_preset, with_data_root
-from r1_scratch.data import TextTokenizer, build_loader
+from r1_scratch.data import build_loader
 from r1_scratch.model import (R1Model, build_on_meta, count_parameters, count_targets, generate, lm_loss_sum,
                               model_flops, sample_next)
+from r1_scratch.sft import prompts_of
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,9 +51,7 @@ def test_position_codes_start_at_the_embeddings_scale_and_learn(setup):
 
 def test_generation_with_cache_equals_recomputation(setup):
     cfg, model, batch = setup
-    tok = TextTokenizer.from_file(cfg.data.tokenizer)
-    prompts = {**batch, "input_ids": batch["input_ids"].where(batch["labels"] == -100, tok.pad_id),
-               "attention_mask": batch["attention_mask"] & (batch["labels"] == -100)}
+    prompts = prompts_of(batch)  # each row cut back to its question, as stage 3's evaluation asks it
     cached = generate(model, prompts, max_new_tokens=8)
     assert cached == generate(model, prompts, max_new_tokens=8, use_cache=False)
     assert len(cached) == 6 and all(len(row) == 8 for row in cached)
@@ -81,9 +80,7 @@ def test_grid_positions_change_the_image_tokens_only_and_keep_the_cache_exact(se
     torch.testing.assert_close(codes[:, :1, :half].expand(-1, side, -1), codes[:, :, :half])   # row half: same along a row
     torch.testing.assert_close(codes[:1, :, half:].expand(side, -1, -1), codes[:, :, half:])   # column half: same down a column
     assert not torch.allclose(codes[0, 0], codes[0, 1]) and not torch.allclose(codes[0, 0], codes[1, 0])
-    tok = TextTokenizer.from_file(cfg.data.tokenizer)
-    prompts = {**batch, "input_ids": batch["input_ids"].where(batch["labels"] == -100, tok.pad_id),
-               "attention_mask": batch["attention_mask"] & (batch["labels"] == -100)}
+    prompts = prompts_of(batch)  # each row cut back to its question, as stage 3's evaluation asks it
     assert generate(grid, prompts, max_new_tokens=6) == generate(grid, prompts, max_new_tokens=6, use_cache=False)
 
 
