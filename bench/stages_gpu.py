@@ -27,7 +27,7 @@ tail <runs>/stages-<preset>/*/metrics.jsonl to watch it. Options and key=value o
 --val-draws K also scores the final model on K fresh draws of the val questions (60 visual and 40 spoken each, in
 <data>-questions; none of them trained on), as `more_questions` and each QA target's `reached_more_questions`: the
 bundled 60 visual questions give +-0.06 and 4 to 15 per kind.
-Measured on one H200 (--scale 16): growing the data 42-44 s, stage 1 50-66 s, stage 2 140-214 s, stage 3 594 s at
+Measured on one H200 (--scale 16): growing the data 38-44 s (x64: 80 s), stage 1 50-66 s, stage 2 140-214 s, stage 3 594 s at
 8192-token micro-batches and 432 s at the 32768 the preset now uses, then the evaluation (~1 min). Stage 3 waits
 for the loader 2% of its time: its bottleneck is the step (bench/train_gpu.py).
 """
