@@ -33,7 +33,6 @@ VARIANTS = {
     "QA-heavy mixture": ["stages.sft.mixture={instruct: 0.3, reasoning: 0.1, vqa: 0.4, audio_qa: 0.2}"],
     "visual QA only": ["stages.sft.mixture={vqa: 1.0}"],
     "vision encoder trained": ["stages.sft.trainable=[inputs, blocks, norm, lm_head, encoders.vision]"],
-    "lr 1e-3": ["stages.sft.lr=1e-3"],
     "lr 3e-4": ["stages.sft.lr=3e-4"],
     "visual QA only, lr 3e-4": ["stages.sft.mixture={vqa: 1.0}", "stages.sft.lr=3e-4"],
 }
