@@ -16,8 +16,8 @@ every parameter where the Trainer exempts embeddings and gains; warmup then cosi
 once). An answer counts when every one of its tokens is the argmax under teacher forcing (what greedy decoding would
 write).
 
-Arms change one thing each: `preset`; `no_expert_dropout` (stage 3's 0.3 off); `dense` (SwiGLU FFNs, no MoE);
-`lr_1e-3` and `lr_3e-4` (the preset's stage-3 lr: tiny 2e-3, small 3e-4, 1e-3 until session 13); `dense_lr_3e-4` (both).
+Arms change one thing each, but the last: `preset`; `no_expert_dropout` (stage 3's 0.3 off); `dense` (SwiGLU FFNs, no MoE);
+`lr_1e-3` and `lr_3e-4` (the preset's stage-3 lr: tiny 2e-3, small 3e-4, 1e-3 until session 13); `dense_lr_3e-4` (dense and 3e-4).
 
 Measured (tiny's decoder at 64 px, 1,000 steps of 64 questions, ~9 min an arm on 2 cores): 0.35 at tiny's stage-3
 lr of 2e-3 (the blind guesser's; the loss is flat from step 100 on), 0.61 at 1e-3 and 0.75 at 3e-4 (shape at
@@ -25,7 +25,7 @@ a place 0.84, furthest shape 0.92, count 0.99); the two colour questions stay at
 300-step arms at 2e-3 neither the expert dropout nor the MoE moved the score (though the dense arm answered "What
 colour is the star?" 0.42 of the time). A fresh decoder at 64 answers a step, where `small`'s has had stage 1 and
 steps on some 750: what carries over was for a GPU run to show (bench/results/decoder_reading_cpu.json). It did
-carry over: on `small`, stage 3 at 3e-4 instead of 1e-3 took visual QA from 0.61 to 0.86 of 600 fresh questions (variants
+carry over: on `small`, stage 3 at 3e-4 instead of 1e-3 took visual QA from 0.61 to 0.86 of 600 fresh questions (runs
 N and O in bench/results/stages_small_h200.json), and "Is there a red shape?" stayed at the blind bar there too.
 Session 13, `session_13` in the JSON: `dense_lr_3e-4` answers "What colour is the star?" 0.64 of the time where the MoE
 decoder (`lr_3e-4`) answers 0.14, 0.82 overall; with `--kinds colour_present` both stay at the blind bar (0.72) after

@@ -360,7 +360,7 @@ PRESETS: dict[str, dict] = {
                               align=dict(steps=1500, batch_size=128, lr=5e-4),
                               # 4x micro-batches (1.6-2.5x the tokens/s) and the vision encoder tuned at 0.1x the lr:
                               # variant F's settings; lr 3e-4, not 1e-3: at 1e-3 the decoder hardly learns to look up
-                              # where a shape is (variants N-P, 15_stage3_sft, bench/results/stages_small_h200.json)
+                              # where a shape is (runs N-P, 15_stage3_sft, bench/results/stages_small_h200.json)
                               sft=dict(steps=560, max_tokens=32768, batch_size=512, lr=3e-4,
                                        trainable=["inputs", "blocks", "norm", "lm_head", "encoders.vision"],
                                        lr_scale={"encoders.vision": 0.1}))),
