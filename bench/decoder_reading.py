@@ -16,8 +16,15 @@ every parameter where the Trainer exempts embeddings and gains; warmup then cosi
 once). An answer counts when every one of its tokens is the argmax under teacher forcing (what greedy decoding would
 write).
 
-Arms change one thing each, but the last: `preset`; `no_expert_dropout` (stage 3's 0.3 off); `dense` (SwiGLU FFNs, no MoE);
-`lr_1e-3` and `lr_3e-4` (the preset's stage-3 lr: tiny 2e-3, small 3e-4, 1e-3 until session 13); `dense_lr_3e-4` (dense and 3e-4).
+Arms: `preset`, and arms that change one thing of it, but the last three: `dense_lr_3e-4` changes two, and
+`dense_register` and `dense_4x4` each change one thing of that. `no_expert_dropout` (stage 3's 0.3 off); `dense` (SwiGLU FFNs, no MoE); `lr_1e-3` and
+`lr_3e-4` (the preset's stage-3 lr: tiny 2e-3, small 3e-4, 1e-3 until session 13); `dense_lr_3e-4` (dense and 3e-4);
+`dense_register` (one learned token after the 64 patches, for attention to rest on when no patch matches);
+`dense_4x4` (4 layers of 4 heads instead of tiny's 2 of 2). Options that change the questions: --kinds (train and
+score only these), --balanced ("Is there a <colour> shape?" answered yes half of the time; the course draws the colour
+at random, so "no" 0.74), --reason (its answer names every shape's colour first, "Red, pink and green, so yes."; scored
+whole, and by its last word given the right colours as `final_word_by_kind`). --device runs it on a GPU (default: cuda
+where there is one); progress every tenth of the steps.
 
 Measured (tiny's decoder at 64 px, 1,000 steps of 64 questions, ~9 min an arm on 2 cores): 0.35 at tiny's stage-3
 lr of 2e-3 (the blind guesser's; the loss is flat from step 100 on), 0.61 at 1e-3 and 0.75 at 3e-4 (shape at
@@ -30,6 +37,10 @@ N and O in bench/results/stages_small_h200.json), and "Is there a red shape?" st
 Session 13, `session_13` in the JSON: `dense_lr_3e-4` answers "What colour is the star?" 0.64 of the time where the MoE
 decoder (`lr_3e-4`) answers 0.14, 0.82 overall; with `--kinds colour_present` both stay at the blind bar (0.72) after
 64,000 fresh questions of that one kind (~6 min dense, ~10 min MoE).
+Session 14, `session_14`: on that question alone the dense decoder's loss settles where a guesser that knows how many
+shapes there are would (0.275 a token), and no change moves it off the blind bar: balanced answers, a register token,
+the colours written out first (the decoder writes them right, then cannot say whether the asked one is among them),
+three times the steps, or 4 layers of 4 heads.
 """
 import argparse
 import json
@@ -45,12 +56,14 @@ from r1_scratch.layers import EncoderOutput
 from r1_scratch.model import R1Model
 from r1_scratch.trainer import lr_lambda
 from r1_scratch.samples import (BACKGROUNDS, COLOURS, IMAGE_SIZE, RADIUS, SCENE_QUESTION_KINDS as KINDS, SHAPES, SIZES,
-                                scene_question_of_kind)
+                                join_phrases, pick, random_scene, scene_question_of_kind, sentence)
 from r1_scratch.sft import answer_loss_sum, blind_accuracy
 from r1_scratch.vision import sincos_2d
 
 ARMS = {"preset": {}, "no_expert_dropout": {"expert_dropout": 0.0}, "dense": {"n_dense_layers": None},
-        "lr_1e-3": {"lr": 1e-3}, "lr_3e-4": {"lr": 3e-4}, "dense_lr_3e-4": {"n_dense_layers": None, "lr": 3e-4}}
+        "lr_1e-3": {"lr": 1e-3}, "lr_3e-4": {"lr": 3e-4}, "dense_lr_3e-4": {"n_dense_layers": None, "lr": 3e-4},
+        "dense_register": {"n_dense_layers": None, "lr": 3e-4, "registers": 1},
+        "dense_4x4": {"n_dense_layers": None, "lr": 3e-4, "n_layers": 4, "n_heads": 4}}
 
 
 class Oracle:
@@ -77,63 +90,104 @@ class Oracle:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True))  # the encoder ends in an RMSNorm
 
 
-def questions(n: int, seed: int, kinds=KINDS) -> list[tuple[dict, str, str, str]]:
-    "`n` (scene, question, answer, kind), `kinds` in turn."
+def balanced_colour_present(rng: np.random.Generator) -> tuple[dict, str, str]:
+    "'Is there a <colour> shape?' answered yes half of the time (the course's draws the colour at random: no 0.74)."
+    scene = random_scene(rng)
+    present = sorted({o["colour"] for o in scene["objects"]})
+    yes = bool(rng.random() < 0.5)
+    colour = pick(rng, present if yes else [c for c in COLOURS if c not in present])
+    return scene, f"Is there a {colour} shape?", "yes" if yes else "no"
+
+
+def reasoned(scene: dict, answer: str) -> str:
+    "A colour_present answer that first names every shape's colour, in reading order: 'Red, blue and red, so yes.'"
+    return sentence(join_phrases([o["colour"] for o in scene["objects"]])) + f", so {answer}."
+
+
+def questions(n: int, seed: int, kinds=KINDS, balanced: bool = False, reason: bool = False) -> list[tuple[dict, str, str, str]]:
+    """`n` (scene, question, answer, kind), `kinds` in turn; `balanced`: colour_present answered yes half of the time;
+    `reason`: its answer names the colours first (`reasoned`)."""
     rng = np.random.default_rng(seed)
-    return [(*scene_question_of_kind(rng, KINDS.index(kinds[i % len(kinds)])), kinds[i % len(kinds)]) for i in range(n)]
+    def one(kind):
+        scene, question, answer = (balanced_colour_present(rng) if balanced and kind == "colour_present"
+                                   else scene_question_of_kind(rng, KINDS.index(kind)))
+        return scene, question, reasoned(scene, answer) if reason and kind == "colour_present" else answer
+    return [(*one(kinds[i % len(kinds)]), kinds[i % len(kinds)]) for i in range(n)]
 
 
-def make_batch(rows, tok: TextTokenizer, oracle: Oracle) -> dict:
+def make_batch(rows, tok: TextTokenizer, oracle: Oracle, device="cpu") -> dict:
     ids, labels = zip(*(chat_ids(tok, q, a, 64) for _, q, a, _ in rows))
     input_ids, mask = pad_ids(ids, tok.pad_id)
-    return dict(input_ids=input_ids, attention_mask=mask, labels=pad_ids(labels, IGNORE_INDEX)[0],
-                image=torch.stack([oracle.tokens(s) for s, *_ in rows]))
+    batch = dict(input_ids=input_ids, attention_mask=mask, labels=pad_ids(labels, IGNORE_INDEX)[0],
+                 image=torch.stack([oracle.tokens(s) for s, *_ in rows]))
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def forward(model: R1Model, batch: dict):
     "The model's forward with the oracle tokens in place of the vision encoder's."
     B, D = batch["input_ids"].shape[0], model.cfg.d_model
-    image = EncoderOutput(batch["image"], torch.ones(batch["image"].shape[:2], dtype=torch.bool), batch["image"].mean(1))
-    audio = EncoderOutput(torch.zeros(B, 0, D), torch.zeros(B, 0, dtype=torch.bool), torch.zeros(B, D))
+    dev = batch["image"].device
+    tokens = batch["image"]
+    if getattr(model, "registers", None) is not None:  # learned tokens after the patches: somewhere to look when nothing matches
+        tokens = torch.cat([tokens, model.registers.expand(B, -1, -1)], 1)
+    image = EncoderOutput(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=dev), batch["image"].mean(1))
+    audio = EncoderOutput(torch.zeros(B, 0, D, device=dev), torch.zeros(B, 0, dtype=torch.bool, device=dev), torch.zeros(B, D, device=dev))
     model.encode_prefix = lambda _: (image, audio)
     return model(batch)
 
 
-def score(model: R1Model, rows, tok, oracle, batch_size: int = 100) -> dict:
-    "Per kind: the share of answers whose every token is the teacher-forced argmax."
+def final_word(response: str) -> str:
+    "The answer a response ends with: 'Red and blue, so no.' -> 'no'; a one-word answer is itself."
+    return response.rstrip(".").split()[-1]
+
+
+def score(model: R1Model, rows, tok, oracle, batch_size: int = 100, device="cpu") -> dict:
+    """Per kind: the share of answers whose every token is the teacher-forced argmax (what greedy decoding would write).
+    Where some answers are reasoned (several words), also `final_word`: the share whose last word before the full stop is
+    the argmax after the right reasoning (the answer given a right list; the first measure is the one that counts)."""
     model.eval()
-    right = []
+    right, last_right = [], []
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
-            batch = make_batch(rows[i:i + batch_size], tok, oracle)
+            batch = make_batch(rows[i:i + batch_size], tok, oracle, device)
             out = forward(model, batch)
-            wrong = (out.logits[:, :-1].argmax(-1) != batch["labels"][:, 1:]) & (batch["labels"][:, 1:] != IGNORE_INDEX)
-            right += (~wrong.any(1)).tolist()
+            labels = batch["labels"][:, 1:]
+            hit = (out.logits[:, :-1].argmax(-1) == labels) | (labels == IGNORE_INDEX)
+            right += hit.all(1).tolist()
+            ends = (labels != IGNORE_INDEX).long().cumsum(1).argmax(1)  # each row's last target (eos)
+            last_right += hit[torch.arange(len(ends)), (ends - 2).clamp(min=0)].tolist()  # eos, '.', then the word
     model.train()
-    by_kind = {k: round(float(np.mean([r for r, row in zip(right, rows) if row[3] == k])), 3) for k in KINDS
-               if any(row[3] == k for row in rows)}
-    return dict(accuracy=round(float(np.mean(right)), 4), by_kind=by_kind)
+    kinds = [k for k in KINDS if any(row[3] == k for row in rows)]
+    mean_of = lambda flags, k: round(float(np.mean([f for f, row in zip(flags, rows) if row[3] == k])), 3)
+    result = dict(accuracy=round(float(np.mean(right)), 4), by_kind={k: mean_of(right, k) for k in kinds})
+    if any(len(row[2].split()) > 1 for row in rows):
+        result["final_word_by_kind"] = {k: mean_of(last_right, k) for k in kinds}
+    return result
 
 
-def run_arm(name: str, preset: str, steps: int, batch_size: int, image_size: int, val, tok, kinds=KINDS) -> dict:
+def run_arm(name: str, preset: str, steps: int, batch_size: int, image_size: int, val, tok, kinds=KINDS, device="cpu",
+            balanced: bool = False, reason: bool = False) -> dict:
     cfg = get_preset(preset)
     cfg.model.image_size = image_size
     change = ARMS[name]
     m = cfg.model
     m.expert_dropout = change.get("expert_dropout", cfg.stages["sft"].options.get("expert_dropout", 0.0))
+    m.n_layers, m.n_heads = change.get("n_layers", m.n_layers), change.get("n_heads", m.n_heads)
     if "n_dense_layers" in change: m.n_dense_layers = m.n_layers
     torch.manual_seed(0)
-    model = R1Model(m)
+    model = R1Model(m).to(device)
+    if change.get("registers"): model.inputs.registers = torch.nn.Parameter(torch.randn(1, change["registers"], m.d_model, device=device))
+    model.registers = getattr(model.inputs, "registers", None)
     params = [p for n, p in model.named_parameters() if n.split(".")[0] in ("inputs", "blocks", "norm", "lm_head")]
     lr = change.get("lr", cfg.stages["sft"].lr)
     opt = torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
     warmup = max(min(cfg.train.warmup_steps, steps // 10), 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, warmup, steps, cfg.train.min_lr_ratio))
     oracle = Oracle(m.d_model, m.image_size // m.patch_size)
-    train = questions(steps * batch_size, seed=1, kinds=kinds)  # fresh scenes every step: no question is seen twice
+    train = questions(steps * batch_size, seed=1, kinds=kinds, balanced=balanced, reason=reason)  # fresh scenes every step: no question is seen twice
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
-        batch = make_batch(train[step * batch_size:(step + 1) * batch_size], tok, oracle)
+        batch = make_batch(train[step * batch_size:(step + 1) * batch_size], tok, oracle, device)
         out = forward(model, batch)
         loss_sum, answers = answer_loss_sum(out.logits, batch["labels"])  # stage 3's loss: each answer weighs the same
         loss = loss_sum / answers
@@ -142,10 +196,12 @@ def run_arm(name: str, preset: str, steps: int, batch_size: int, image_size: int
         torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_grad)
         opt.step(); sched.step()
         losses.append(round(loss.item(), 4))
+        if (step + 1) % max(steps // 10, 1) == 0:  # progress, so a run cut short by a time limit still says where it was
+            print(f"{name} step {step + 1}/{steps} loss {np.mean(losses[-50:]):.4f} {time.perf_counter() - t0:.0f} s", flush=True)
     result = dict(steps=steps, batch_size=batch_size, lr=lr, expert_dropout=m.expert_dropout,
                   dense=m.n_dense_layers == m.n_layers, seconds=round(time.perf_counter() - t0, 1),
                   loss_first=losses[0], loss_last=float(np.mean(losses[-20:])), loss_curve=losses[:: max(steps // 40, 1)],
-                  val=score(model, val, tok, oracle), train=score(model, train[-600:], tok, oracle))
+                  val=score(model, val, tok, oracle, device=device), train=score(model, train[-600:], tok, oracle, device=device))
     print(name, json.dumps({k: result[k] for k in ("seconds", "loss_last", "val")}), flush=True)
     return result
 
@@ -158,20 +214,25 @@ def main():
     p.add_argument("--image-size", type=int, default=64, help="sets the patch grid (64 px / 8 px patches: small's 8x8)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="train and score only these questions")
+    p.add_argument("--balanced", action="store_true", help="'Is there a <colour> shape?' answered yes half of the time")
+    p.add_argument("--reason", action="store_true", help="'Is there a <colour> shape?' answered after naming every colour")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench/results/decoder_reading_cpu.json")
     args = p.parse_args()
     if args.threads: torch.set_num_threads(args.threads)
     tok = TextTokenizer.from_file("data_samples/tokenizer.json")
-    val = questions(600, seed=2, kinds=tuple(args.kinds))
-    blind = {k: round(blind_accuracy([q for _, q, _, kk in val if kk == k], [a for _, _, a, kk in val if kk == k]), 3) for k in args.kinds}
-    result = dict(command="python bench/decoder_reading.py " + " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                                                                   for k, v in vars(args).items() if k != "out" and v),
+    val = questions(600, seed=2, kinds=tuple(args.kinds), balanced=args.balanced, reason=args.reason)
+    blind = {k: round(blind_accuracy([q for _, q, _, kk in val if kk == k], [final_word(a) for _, _, a, kk in val if kk == k]), 3)
+             for k in args.kinds}
+    flag = lambda k, v: f"--{k.replace('_', '-')}" + ("" if v is True else " " + (" ".join(map(str, v)) if isinstance(v, list) else str(v)))
+    result = dict(command="python bench/decoder_reading.py " + " ".join(flag(k, v) for k, v in vars(args).items() if k != "out" and v),
                   what=__doc__.split("\n\n")[2], preset=args.preset, val_questions=len(val),
-                  blind=dict(accuracy=round(blind_accuracy([q for _, q, _, _ in val], [a for _, _, a, _ in val]), 4), by_kind=blind),
-                  device=str(torch.device("cuda" if torch.cuda.is_available() else "cpu")), threads=torch.get_num_threads(), arms={})
+                  blind=dict(accuracy=round(blind_accuracy([q for _, q, _, _ in val], [final_word(a) for _, _, a, _ in val]), 4), by_kind=blind),
+                  device=args.device, threads=torch.get_num_threads(), arms={})
     for arm in args.arms:
-        result["arms"][arm] = run_arm(arm, args.preset, args.steps, args.batch_size, args.image_size, val, tok, tuple(args.kinds))
+        result["arms"][arm] = run_arm(arm, args.preset, args.steps, args.batch_size, args.image_size, val, tok, tuple(args.kinds),
+                                       args.device, args.balanced, args.reason)
         Path(args.out).write_text(json.dumps(result, indent=1))
 
 
