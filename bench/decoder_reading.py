@@ -128,8 +128,9 @@ def forward(model: R1Model, batch: dict):
     B, D = batch["input_ids"].shape[0], model.cfg.d_model
     dev = batch["image"].device
     tokens = batch["image"]
-    if getattr(model, "registers", None) is not None:  # learned tokens after the patches: somewhere to look when nothing matches
-        tokens = torch.cat([tokens, model.registers.expand(B, -1, -1)], 1)
+    registers = getattr(model.inputs, "registers", None)
+    if registers is not None:  # learned tokens after the patches: somewhere to look when nothing matches
+        tokens = torch.cat([tokens, registers.expand(B, -1, -1)], 1)
     image = EncoderOutput(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=dev), batch["image"].mean(1))
     audio = EncoderOutput(torch.zeros(B, 0, D, device=dev), torch.zeros(B, 0, dtype=torch.bool, device=dev), torch.zeros(B, D, device=dev))
     model.encode_prefix = lambda _: (image, audio)
@@ -176,9 +177,10 @@ def run_arm(name: str, preset: str, steps: int, batch_size: int, image_size: int
     if "n_dense_layers" in change: m.n_dense_layers = m.n_layers
     torch.manual_seed(0)
     model = R1Model(m).to(device)
-    if change.get("registers"): model.inputs.registers = torch.nn.Parameter(torch.randn(1, change["registers"], m.d_model, device=device))
-    model.registers = getattr(model.inputs, "registers", None)
+    if change.get("registers"):  # under `inputs`, so the optimiser below takes it
+        model.inputs.registers = torch.nn.Parameter(torch.randn(1, change["registers"], m.d_model, device=device))
     params = [p for n, p in model.named_parameters() if n.split(".")[0] in ("inputs", "blocks", "norm", "lm_head")]
+    assert not change.get("registers") or any(p is model.inputs.registers for p in params)
     lr = change.get("lr", cfg.stages["sft"].lr)
     opt = torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
     warmup = max(min(cfg.train.warmup_steps, steps // 10), 1)
