@@ -19,10 +19,11 @@ write).
 Arms: `preset`, and arms that change one thing of it, but the last three: `dense_lr_3e-4` changes two, and
 `dense_register` and `dense_4x4` each change one thing of that. `no_expert_dropout` (stage 3's 0.3 off); `dense` (SwiGLU FFNs, no MoE); `lr_1e-3` and
 `lr_3e-4` (the preset's stage-3 lr: tiny 2e-3, small 3e-4, 1e-3 until session 13); `dense_lr_3e-4` (dense and 3e-4);
-`dense_register` (one learned token after the 64 patches, for attention to rest on when no patch matches);
+`dense_register` (one learned token after the 64 patches, for attention to rest on when no patch matches; weight
+decay on it too, as on every parameter here);
 `dense_4x4` (4 layers of 4 heads instead of tiny's 2 of 2). Options that change the questions: --kinds (train and
 score only these), --balanced ("Is there a <colour> shape?" answered yes half of the time; the course draws the colour
-at random, so "no" 0.74), --reason (its answer names every shape's colour first, "Red, pink and green, so yes."; scored
+at random, so "no" 0.74), --reason (its answer names every shape's colour first, "red, pink and green, so yes."; scored
 whole, and by its last word given the right colours as `final_word_by_kind`). --device runs it on a GPU (default: cuda
 where there is one); progress every tenth of the steps.
 
@@ -39,7 +40,7 @@ decoder (`lr_3e-4`) answers 0.14, 0.82 overall; with `--kinds colour_present` bo
 64,000 fresh questions of that one kind (~6 min dense, ~10 min MoE).
 Session 14, `session_14`: on that question alone the dense decoder's loss settles where a guesser that knows how many
 shapes there are would (0.275 a token), and no change moves it off the blind bar: balanced answers, a register token,
-the colours written out first (the decoder writes them right, then cannot say whether the asked one is among them),
+the colours written out first (whole answers right 0.69; given the right colours, the yes or no is the blind guesser's),
 three times the steps, or 4 layers of 4 heads.
 """
 import argparse
@@ -56,7 +57,7 @@ from r1_scratch.layers import EncoderOutput
 from r1_scratch.model import R1Model
 from r1_scratch.trainer import lr_lambda
 from r1_scratch.samples import (BACKGROUNDS, COLOURS, IMAGE_SIZE, RADIUS, SCENE_QUESTION_KINDS as KINDS, SHAPES, SIZES,
-                                join_phrases, pick, random_scene, scene_question_of_kind, sentence)
+                                join_phrases, pick, random_scene, scene_question_of_kind)
 from r1_scratch.sft import answer_loss_sum, blind_accuracy
 from r1_scratch.vision import sincos_2d
 
@@ -100,8 +101,9 @@ def balanced_colour_present(rng: np.random.Generator) -> tuple[dict, str, str]:
 
 
 def reasoned(scene: dict, answer: str) -> str:
-    "A colour_present answer that first names every shape's colour, in reading order: 'Red, blue and red, so yes.'"
-    return sentence(join_phrases([o["colour"] for o in scene["objects"]])) + f", so {answer}."
+    """A colour_present answer that first names every shape's colour, in reading order: 'red, blue and red, so yes.'
+    Lower case, so each colour is the same token as in the question (' Red' is not ' red', and ' Yellow' is three)."""
+    return join_phrases([o["colour"] for o in scene["objects"]]) + f", so {answer}."
 
 
 def questions(n: int, seed: int, kinds=KINDS, balanced: bool = False, reason: bool = False) -> list[tuple[dict, str, str, str]]:
@@ -156,7 +158,8 @@ def score(model: R1Model, rows, tok, oracle, batch_size: int = 100, device="cpu"
             hit = (out.logits[:, :-1].argmax(-1) == labels) | (labels == IGNORE_INDEX)
             right += hit.all(1).tolist()
             ends = (labels != IGNORE_INDEX).long().cumsum(1).argmax(1)  # each row's last target (eos)
-            last_right += hit[torch.arange(len(ends)), (ends - 2).clamp(min=0)].tolist()  # eos, '.', then the word
+            back = torch.tensor([2 if len(row[2].split()) > 1 else 1 for row in rows[i:i + batch_size]], device=ends.device)
+            last_right += hit[torch.arange(len(ends)), ends - back].tolist()  # eos, then '.' and the word (or the word alone)
     model.train()
     kinds = [k for k in KINDS if any(row[3] == k for row in rows)]
     mean_of = lambda flags, k: round(float(np.mean([f for f, row in zip(flags, rows) if row[3] == k])), 3)
@@ -200,7 +203,8 @@ def run_arm(name: str, preset: str, steps: int, batch_size: int, image_size: int
         losses.append(round(loss.item(), 4))
         if (step + 1) % max(steps // 10, 1) == 0:  # progress, so a run cut short by a time limit still says where it was
             print(f"{name} step {step + 1}/{steps} loss {np.mean(losses[-50:]):.4f} {time.perf_counter() - t0:.0f} s", flush=True)
-    result = dict(steps=steps, batch_size=batch_size, lr=lr, expert_dropout=m.expert_dropout,
+    result = dict(steps=steps, batch_size=batch_size, lr=lr, expert_dropout=m.expert_dropout, n_layers=m.n_layers,
+                  n_heads=m.n_heads, registers=change.get("registers", 0),
                   dense=m.n_dense_layers == m.n_layers, seconds=round(time.perf_counter() - t0, 1),
                   loss_first=losses[0], loss_last=float(np.mean(losses[-20:])), loss_curve=losses[:: max(steps // 40, 1)],
                   val=score(model, val, tok, oracle, device=device), train=score(model, train[-600:], tok, oracle, device=device))
