@@ -17,8 +17,9 @@ once). An answer counts when every one of its tokens is the argmax under teacher
 write).
 
 Arms: `preset`, and arms that change one thing of it, but the last three: `dense_lr_3e-4` changes two, and
-`dense_register` and `dense_4x4` each change one thing of that. `no_expert_dropout` (stage 3's 0.3 off); `dense` (SwiGLU FFNs, no MoE); `lr_1e-3` and
-`lr_3e-4` (the preset's stage-3 lr: tiny 2e-3, small 3e-4, 1e-3 until session 13); `dense_lr_3e-4` (dense and 3e-4);
+`dense_register` and `dense_4x4` each change one thing of that. `no_expert_dropout` (stage 3's 0.3 off); `dense`
+(SwiGLU FFNs, no MoE); `lr_1e-3` and `lr_3e-4` (the preset's stage-3 lr: tiny 2e-3, small 3e-4, 1e-3 until
+session 13); `dense_lr_3e-4` (dense and 3e-4);
 `dense_register` (one learned token after the 64 patches, for attention to rest on when no patch matches; weight
 decay on it too, as on every parameter here);
 `dense_4x4` (4 layers of 4 heads instead of tiny's 2 of 2). Options that change the questions: --kinds (train and
@@ -117,6 +118,18 @@ def questions(n: int, seed: int, kinds=KINDS, balanced: bool = False, reason: bo
     return [(*one(kinds[i % len(kinds)]), kinds[i % len(kinds)]) for i in range(n)]
 
 
+def count_aware_prior(rows, knows_count: bool = True) -> float | None:
+    """Loss per answer token (the word and the end token, averaged, as `loss_last`) of a guesser that knows how many shapes
+    a scene has and nothing of their colours: P(yes) = 1 - (6/7)^n for "Is there a <colour> shape?" (`knows_count=False`:
+    the mean of that over 1-3 shapes, the answer prior alone). None unless every row is that question answered in one
+    word (the course's draws, not --balanced or --reason)."""
+    if not rows or any(kind != "colour_present" or answer not in ("yes", "no") for _, _, answer, kind in rows): return None
+    p_yes = lambda n: 1 - (1 - 1 / len(COLOURS)) ** n
+    p = (lambda n: p_yes(n)) if knows_count else (lambda n: np.mean([p_yes(k) for k in (1, 2, 3)]))
+    nll = [-np.log(p(len(s["objects"])) if a == "yes" else 1 - p(len(s["objects"]))) for s, _, a, _ in rows]
+    return round(float(np.mean(nll)) / 2, 4)
+
+
 def make_batch(rows, tok: TextTokenizer, oracle: Oracle, device="cpu") -> dict:
     ids, labels = zip(*(chat_ids(tok, q, a, 64) for _, q, a, _ in rows))
     input_ids, mask = pad_ids(ids, tok.pad_id)
@@ -207,6 +220,8 @@ def run_arm(name: str, preset: str, steps: int, batch_size: int, image_size: int
                   n_heads=m.n_heads, registers=change.get("registers", 0),
                   dense=m.n_dense_layers == m.n_layers, seconds=round(time.perf_counter() - t0, 1),
                   loss_first=losses[0], loss_last=float(np.mean(losses[-20:])), loss_curve=losses[:: max(steps // 40, 1)],
+                  count_aware_prior_last=count_aware_prior(train[-20 * batch_size:]),  # on the batches loss_last averages
+                  answer_prior_last=count_aware_prior(train[-20 * batch_size:], knows_count=False),
                   val=score(model, val, tok, oracle, device=device), train=score(model, train[-600:], tok, oracle, device=device))
     print(name, json.dumps({k: result[k] for k in ("seconds", "loss_last", "val")}), flush=True)
     return result
