@@ -104,16 +104,24 @@ def balanced_colour_present(rng: np.random.Generator) -> tuple[dict, str, str]:
 def reasoned(scene: dict, answer: str) -> str:
     """A colour_present answer that first names every shape's colour, in reading order: 'red, blue and red, so yes.'
     Lower case, so each colour is the same token as in the question (' Red' is not ' red', and ' Yellow' is three)."""
-    return join_phrases([o["colour"] for o in scene["objects"]]) + f", so {answer}."
+    return colours_said(scene) + f", so {answer}."
 
 
-def questions(n: int, seed: int, kinds=KINDS, balanced: bool = False, reason: bool = False) -> list[tuple[dict, str, str, str]]:
+def colours_said(scene: dict) -> str:
+    "The scene's colours in reading order, as `reasoned` writes them: 'red, pink and green'."
+    return join_phrases([o["colour"] for o in scene["objects"]])
+
+
+def questions(n: int, seed: int, kinds=KINDS, balanced: bool = False, reason: bool = False,
+              colours_in_prompt: bool = False) -> list[tuple[dict, str, str, str]]:
     """`n` (scene, question, answer, kind), `kinds` in turn; `balanced`: colour_present answered yes half of the time;
-    `reason`: its answer names the colours first (`reasoned`)."""
+    `reason`: its answer names the colours first (`reasoned`); `colours_in_prompt`: its question comes after them,
+    'red, pink and green. Is there a red shape?' (the same draws: only the text changes)."""
     rng = np.random.default_rng(seed)
     def one(kind):
         scene, question, answer = (balanced_colour_present(rng) if balanced and kind == "colour_present"
                                    else scene_question_of_kind(rng, KINDS.index(kind)))
+        if colours_in_prompt and kind == "colour_present": question = f"{colours_said(scene)}. {question}"
         return scene, question, reasoned(scene, answer) if reason and kind == "colour_present" else answer
     return [(*one(kinds[i % len(kinds)]), kinds[i % len(kinds)]) for i in range(n)]
 
@@ -130,26 +138,35 @@ def count_aware_prior(rows, knows_count: bool = True) -> float | None:
     return round(float(np.mean(nll)) / 2, 4)
 
 
-def make_batch(rows, tok: TextTokenizer, oracle: Oracle, device="cpu") -> dict:
+IMAGES = ("scene", "blank", "none")  # what the decoder sees: the scene's tokens, its background's alone, no image tokens
+
+
+def make_batch(rows, tok: TextTokenizer, oracle: Oracle, device="cpu", image: str = "scene") -> dict:
     ids, labels = zip(*(chat_ids(tok, q, a, 64) for _, q, a, _ in rows))
     input_ids, mask = pad_ids(ids, tok.pad_id)
     batch = dict(input_ids=input_ids, attention_mask=mask, labels=pad_ids(labels, IGNORE_INDEX)[0],
-                 image=torch.stack([oracle.tokens(s) for s, *_ in rows]))
+                 image=torch.stack([oracle.tokens(s if image == "scene" else {**s, "objects": []}) for s, *_ in rows]))
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def forward(model: R1Model, batch: dict):
-    "The model's forward with the oracle tokens in place of the vision encoder's."
+def forward(model: R1Model, batch: dict, with_image: bool = True):
+    "The model's forward with the oracle tokens in place of the vision encoder's (`with_image=False`: none, text alone)."
     B, D = batch["input_ids"].shape[0], model.cfg.d_model
     dev = batch["image"].device
-    tokens = batch["image"]
+    tokens = batch["image"] if with_image else batch["image"][:, :0]
     registers = getattr(model.inputs, "registers", None)
     if registers is not None:  # learned tokens after the patches: somewhere to look when nothing matches
         tokens = torch.cat([tokens, registers.expand(B, -1, -1)], 1)
-    image = EncoderOutput(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=dev), batch["image"].mean(1))
+    image = EncoderOutput(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=dev), batch["image"].mean(1) * with_image)
     audio = EncoderOutput(torch.zeros(B, 0, D, device=dev), torch.zeros(B, 0, dtype=torch.bool, device=dev), torch.zeros(B, D, device=dev))
     model.encode_prefix = lambda _: (image, audio)
     return model(batch)
+
+
+def block_text_image(model: R1Model):
+    "Text and image tokens may not attend to each other (the decoder mask's `blocked` pair): does looking at them cost?"
+    inputs = model.inputs
+    inputs.forward = lambda *a: type(inputs).forward(inputs, *a, blocked={("image", "text")})
 
 
 def final_word(response: str) -> str:
@@ -157,7 +174,7 @@ def final_word(response: str) -> str:
     return response.rstrip(".").split()[-1]
 
 
-def score(model: R1Model, rows, tok, oracle, batch_size: int = 100, device="cpu") -> dict:
+def score(model: R1Model, rows, tok, oracle, batch_size: int = 100, device="cpu", image: str = "scene") -> dict:
     """Per kind: the share of answers whose every token is the teacher-forced argmax (what greedy decoding would write).
     Where some answers are reasoned (several words), also `final_word`: the share whose last word before the full stop is
     the argmax after the right reasoning (the answer given a right list; the first measure is the one that counts)."""
@@ -165,8 +182,8 @@ def score(model: R1Model, rows, tok, oracle, batch_size: int = 100, device="cpu"
     right, last_right = [], []
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
-            batch = make_batch(rows[i:i + batch_size], tok, oracle, device)
-            out = forward(model, batch)
+            batch = make_batch(rows[i:i + batch_size], tok, oracle, device, image)
+            out = forward(model, batch, image != "none")
             labels = batch["labels"][:, 1:]
             hit = (out.logits[:, :-1].argmax(-1) == labels) | (labels == IGNORE_INDEX)
             right += hit.all(1).tolist()
@@ -183,7 +200,8 @@ def score(model: R1Model, rows, tok, oracle, batch_size: int = 100, device="cpu"
 
 
 def run_arm(name: str, preset: str, steps: int, batch_size: int, image_size: int, val, tok, kinds=KINDS, device="cpu",
-            balanced: bool = False, reason: bool = False) -> dict:
+            wording: dict | None = None, image: str = "scene", blocked: bool = False) -> dict:
+    "Train arm `name` on `kinds` (`wording`: the options of `questions`), score it on `val`; `image`: one of IMAGES."
     cfg = get_preset(preset)
     cfg.model.image_size = image_size
     change = ARMS[name]
@@ -193,6 +211,7 @@ def run_arm(name: str, preset: str, steps: int, batch_size: int, image_size: int
     if "n_dense_layers" in change: m.n_dense_layers = m.n_layers
     torch.manual_seed(0)
     model = R1Model(m).to(device)
+    if blocked: block_text_image(model)
     if change.get("registers"):  # under `inputs`, so the optimiser below takes it
         model.inputs.registers = torch.nn.Parameter(torch.randn(1, change["registers"], m.d_model, device=device))
     params = [p for n, p in model.named_parameters() if n.split(".")[0] in ("inputs", "blocks", "norm", "lm_head")]
@@ -202,11 +221,11 @@ def run_arm(name: str, preset: str, steps: int, batch_size: int, image_size: int
     warmup = max(min(cfg.train.warmup_steps, steps // 10), 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, warmup, steps, cfg.train.min_lr_ratio))
     oracle = Oracle(m.d_model, m.image_size // m.patch_size)
-    train = questions(steps * batch_size, seed=1, kinds=kinds, balanced=balanced, reason=reason)  # fresh scenes every step: no question is seen twice
+    train = questions(steps * batch_size, seed=1, kinds=kinds, **(wording or {}))  # fresh scenes every step: no question is seen twice
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
-        batch = make_batch(train[step * batch_size:(step + 1) * batch_size], tok, oracle, device)
-        out = forward(model, batch)
+        batch = make_batch(train[step * batch_size:(step + 1) * batch_size], tok, oracle, device, image)
+        out = forward(model, batch, image != "none")
         loss_sum, answers = answer_loss_sum(out.logits, batch["labels"])  # stage 3's loss: each answer weighs the same
         loss = loss_sum / answers
         total = loss + m.balance_weight * out.balance + m.z_weight * out.z
@@ -216,13 +235,14 @@ def run_arm(name: str, preset: str, steps: int, batch_size: int, image_size: int
         losses.append(round(loss.item(), 4))
         if (step + 1) % max(steps // 10, 1) == 0:  # progress, so a run cut short by a time limit still says where it was
             print(f"{name} step {step + 1}/{steps} loss {np.mean(losses[-50:]):.4f} {time.perf_counter() - t0:.0f} s", flush=True)
-    result = dict(steps=steps, batch_size=batch_size, lr=lr, expert_dropout=m.expert_dropout, n_layers=m.n_layers,
+    result = dict(steps=steps, batch_size=batch_size, image=image, text_image_attention=not blocked, lr=lr, expert_dropout=m.expert_dropout, n_layers=m.n_layers,
                   n_heads=m.n_heads, registers=change.get("registers", 0),
                   dense=m.n_dense_layers == m.n_layers, seconds=round(time.perf_counter() - t0, 1),
                   loss_first=losses[0], loss_last=float(np.mean(losses[-20:])), loss_curve=losses[:: max(steps // 40, 1)],
                   count_aware_prior_last=count_aware_prior(train[-20 * batch_size:]),  # on the batches loss_last averages
                   answer_prior_last=count_aware_prior(train[-20 * batch_size:], knows_count=False),
-                  val=score(model, val, tok, oracle, device=device), train=score(model, train[-600:], tok, oracle, device=device))
+                  val=score(model, val, tok, oracle, device=device, image=image),
+                  train=score(model, train[-600:], tok, oracle, device=device, image=image))
     print(name, json.dumps({k: result[k] for k in ("seconds", "loss_last", "val")}), flush=True)
     return result
 
@@ -237,23 +257,30 @@ def main():
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="train and score only these questions")
     p.add_argument("--balanced", action="store_true", help="'Is there a <colour> shape?' answered yes half of the time")
     p.add_argument("--reason", action="store_true", help="'Is there a <colour> shape?' answered after naming every colour")
+    p.add_argument("--colours-in-prompt", action="store_true",
+                   help="'Is there a <colour> shape?' asked after the scene's colours: 'red, pink and green. Is there a red shape?'")
+    p.add_argument("--image", default="scene", choices=IMAGES, help="the decoder's image tokens: the scene's (default), "
+                   "the background's alone (blank: as many tokens, none of the objects), or none (the text alone)")
+    p.add_argument("--blocked", action="store_true", help="text and image tokens may not attend to each other")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench/results/decoder_reading_cpu.json")
     args = p.parse_args()
     if args.threads: torch.set_num_threads(args.threads)
     tok = TextTokenizer.from_file("data_samples/tokenizer.json")
-    val = questions(600, seed=2, kinds=tuple(args.kinds), balanced=args.balanced, reason=args.reason)
-    blind = {k: round(blind_accuracy([q for _, q, _, kk in val if kk == k], [final_word(a) for _, _, a, kk in val if kk == k]), 3)
+    wording = dict(balanced=args.balanced, reason=args.reason, colours_in_prompt=args.colours_in_prompt)
+    val = questions(600, seed=2, kinds=tuple(args.kinds), **wording)
+    asked = lambda q: q.rsplit(". ", 1)[-1]  # the question without the colours --colours-in-prompt puts before it
+    blind = {k: round(blind_accuracy([asked(q) for _, q, _, kk in val if kk == k], [final_word(a) for _, _, a, kk in val if kk == k]), 3)
              for k in args.kinds}
     flag = lambda k, v: f"--{k.replace('_', '-')}" + ("" if v is True else " " + (" ".join(map(str, v)) if isinstance(v, list) else str(v)))
     result = dict(command="python bench/decoder_reading.py " + " ".join(flag(k, v) for k, v in vars(args).items() if k != "out" and v),
                   what=__doc__.split("\n\n")[2], preset=args.preset, val_questions=len(val),
-                  blind=dict(accuracy=round(blind_accuracy([q for _, q, _, _ in val], [final_word(a) for _, _, a, _ in val]), 4), by_kind=blind),
+                  blind=dict(accuracy=round(blind_accuracy([asked(q) for _, q, _, _ in val], [final_word(a) for _, _, a, _ in val]), 4), by_kind=blind),
                   device=args.device, threads=torch.get_num_threads(), arms={})
     for arm in args.arms:
         result["arms"][arm] = run_arm(arm, args.preset, args.steps, args.batch_size, args.image_size, val, tok, tuple(args.kinds),
-                                       args.device, args.balanced, args.reason)
+                                       args.device, wording, args.image, args.blocked)
         Path(args.out).write_text(json.dumps(result, indent=1))
 
 
