@@ -43,6 +43,10 @@ Session 14, `session_14`: on that question alone the dense decoder's loss settle
 shapes there are would (0.275 a token), and no change moves it off the blind bar: balanced answers, a register token,
 the colours written out first (whole answers right 0.69; given the right colours, the yes or no is the blind guesser's),
 three times the steps, or 4 layers of 4 heads.
+Session 15, `session_15`: --colours-in-prompt writes the scene's colours before the question, so the answer is in the
+text; --image scene|blank|none gives the decoder the scene's tokens, a blank background's or none; --blocked keeps
+text and image tokens from attending to each other. In text alone the decoder learns the test (dense 1.0, MoE 0.86);
+with any image tokens it can attend to, even 16 blank ones, it stays on the count-aware plateau (0.72); blocked, 0.84.
 """
 import argparse
 import json
@@ -235,8 +239,8 @@ def run_arm(name: str, preset: str, steps: int, batch_size: int, image_size: int
         losses.append(round(loss.item(), 4))
         if (step + 1) % max(steps // 10, 1) == 0:  # progress, so a run cut short by a time limit still says where it was
             print(f"{name} step {step + 1}/{steps} loss {np.mean(losses[-50:]):.4f} {time.perf_counter() - t0:.0f} s", flush=True)
-    result = dict(steps=steps, batch_size=batch_size, image=image, text_image_attention=not blocked, lr=lr, expert_dropout=m.expert_dropout, n_layers=m.n_layers,
-                  n_heads=m.n_heads, registers=change.get("registers", 0),
+    result = dict(steps=steps, batch_size=batch_size, image=image, text_image_attention=not blocked, lr=lr,
+                  expert_dropout=m.expert_dropout, n_layers=m.n_layers, n_heads=m.n_heads, registers=change.get("registers", 0),
                   dense=m.n_dense_layers == m.n_layers, seconds=round(time.perf_counter() - t0, 1),
                   loss_first=losses[0], loss_last=float(np.mean(losses[-20:])), loss_curve=losses[:: max(steps // 40, 1)],
                   count_aware_prior_last=count_aware_prior(train[-20 * batch_size:]),  # on the batches loss_last averages
