@@ -47,6 +47,8 @@ Session 15, `session_15`: --colours-in-prompt writes the scene's colours before 
 text; --image scene|blank|none gives the decoder the scene's tokens, a blank background's or none; --blocked keeps
 text and image tokens from attending to each other. In text alone the decoder learns the test (dense 1.0, MoE 0.86);
 with any image tokens it can attend to, even 16 blank ones, it stays on the count-aware plateau (0.72); blocked, 0.84.
+Session 16, `session_16`: the 16-blank-token arm for 3,000 steps leaves that plateau near step 1,800 and learns the
+test (1.0); in text alone the fall comes near step 700. Image tokens delay the escape; they do not prevent it.
 """
 import argparse
 import json
