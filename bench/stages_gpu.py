@@ -1,7 +1,7 @@
 """All three training stages of a preset through the launch on this machine's GPU(s), then every metric of the
 evaluation entry point on the validation split: what `small` reaches on one GPU.
 
-    python bench/stages_gpu.py [--preset small] [--gpus 1] [--scale K] [--espeak-debs .espeak] [--out FILE] [key=value ...]
+    python bench/stages_gpu.py [--preset small] [--gpus 1] [--scale K] [--espeak-debs .espeak] [--val-draws K [--score-checkpoints]] [--out FILE] [key=value ...]
 
 Two variants side by side on a 2-GPU machine: grow the data once (--grow-only), then start each run with its own
 CUDA_VISIBLE_DEVICES, --runs and --out (and --detach); a complete growth of the same scale in --data is reused.
@@ -26,7 +26,9 @@ shorter than the run, and prints the run's process id: the run has ended when th
 tail <runs>/stages-<preset>/*/metrics.jsonl to watch it. Options and key=value overrides may come in any order.
 --val-draws K also scores the final model on K fresh draws of the val questions (60 visual and 40 spoken each, in
 <data>-questions; none of them trained on), as `more_questions` and each QA target's `reached_more_questions`: the
-bundled 60 visual questions give +-0.06 and 4 to 15 per kind.
+bundled 60 visual questions give +-0.06 and 4 to 15 per kind. --score-checkpoints (with --val-draws and
+train.ckpt_every=N) also scores stage 3's intermediate checkpoints on those questions while it trains, as `checkpoints`
+(written as each is scored): the curve of one schedule, at some cost to stage 3's speed.
 Measured on one H200 (--scale 16): growing the data 38-44 s (x64: 80 s), stage 1 50-66 s, stage 2 140-214 s, stage 3 594 s at
 8192-token micro-batches and 432 s at the 32768 the preset now uses, then the evaluation (~1 min). Stage 3 waits
 for the loader 2% of its time: its bottleneck is the step (bench/train_gpu.py).
@@ -37,6 +39,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -157,6 +160,39 @@ def shard_pattern(folder: Path, split: str) -> str:
     return f"{folder}/{split}/{{task}}-{{000000..{last:06d}}}.tar"
 
 
+def score_answers(target: str, questions: str, env: dict) -> dict:
+    "The evaluation entry point's QA answers of checkpoint or run `target` on every one of the `questions`."
+    ev = subprocess.run([sys.executable, "-m", "r1_scratch.launch", "--eval", target, "--shards", questions,
+                         "--batches", "1", "--answers", "100000"], capture_output=True, text=True, env=env)
+    return json.loads(ev.stdout)["answers"] if not ev.returncode else {"error": ev.stderr[-3000:]}
+
+
+def intermediate_checkpoints(stage_dir: Path) -> dict[int, Path]:
+    "A stage's complete checkpoints by step, but its last one (the final model, which the closing evaluation scores)."
+    found = {}
+    for meta_path in (stage_dir / "checkpoints").glob("step_*/meta.json"):
+        try: meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError): continue  # rotated away while we read it
+        if meta["step"] < meta["config"]["stages"][meta["stage"]]["steps"]: found[meta["step"]] = meta_path.parent
+    return found
+
+
+def score_while_training(train: subprocess.Popen, stage_dir: Path, questions: str, env: dict, save) -> list[dict]:
+    """While `train` runs, score each new intermediate checkpoint of stage 3 on the fresh `questions`, beside the
+    training on the same GPU(s), and `save(scores)` after each, so a run cut short keeps its curve; once more after it
+    ends, for one written at the very end. Points of one schedule: step 560 of a 1,120-step cosine is not a 560-step run.
+    A checkpoint rotated away (train.keep_last) before its turn is left out."""
+    scores, done = [], False
+    while not done:
+        done = train.poll() is not None
+        for step, path in sorted(intermediate_checkpoints(stage_dir).items()):
+            if step in {s["step"] for s in scores}: continue
+            scores.append(dict(step=step, answers=score_answers(str(path), questions, env)))
+            save(scores)
+        if not done: time.sleep(10)
+    return scores
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small")
@@ -171,6 +207,9 @@ def main():
     p.add_argument("--train-answers", action="store_true", help="also score the questions of the train split (can it fit them?)")
     p.add_argument("--val-draws", type=int, default=0, metavar="K",
                    help="also score K fresh draws of the val questions (60 visual + 40 spoken each): `more_questions`")
+    p.add_argument("--score-checkpoints", action="store_true",
+                   help="with --val-draws: also score stage 3's intermediate checkpoints (train.ckpt_every) on those "
+                   "questions while it trains: `checkpoints`")
     p.add_argument("--detach", metavar="LOG", help="run in a new session, output to LOG, and return at once")
     p.add_argument("--stages", nargs="+", help="train only these stages (the launch's --stages), naming every earlier "
                    "stage too: one not named is not loaded, also with --resume; without sft no evaluation")
@@ -182,6 +221,7 @@ def main():
         args.overrides += [s for s in args.stages if "=" in s]
         args.stages = [s for s in args.stages if "=" not in s]
     if args.val_draws < 0: p.error(f"--val-draws must be 0 or more, got {args.val_draws}")
+    if args.score_checkpoints and not args.val_draws: p.error("--score-checkpoints scores on the --val-draws questions: give --val-draws K")
     if args.grow_only and args.scale < 2 and not args.val_draws:
         p.error("--grow-only needs --scale 2 or more (scale 1 is the bundled data), or --val-draws")
     if args.detach and not os.environ.get("R1_STAGES_DETACHED"):  # the child runs the same argv, and must not detach
@@ -211,15 +251,24 @@ def main():
            *(["--stages", *args.stages] if args.stages else []), f"train.out_dir={args.runs}",
            "train.wandb=disabled", *data, *args.overrides]
     env = {**os.environ, "R1_NO_PROGRESS": "1"}
-    t0, started = time.perf_counter(), time.time()
-    train = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    seconds = time.perf_counter() - t0
-    result = dict(command=" ".join(["python", *sys.argv]), launch=" ".join(cmd[2:]), preset=args.preset, gpus=args.gpus,
-                  scale=args.scale, train_records=grown, train_seconds=round(seconds, 1))
-    print(train.stdout[-4000:], train.stderr[-3000:], sep="\n", flush=True)
-    if train.returncode:
-        result["error"] = train.stderr[-3000:]
     run = Path(args.runs) / name
+    result = dict(command=" ".join(["python", *sys.argv]), launch=" ".join(cmd[2:]), preset=args.preset, gpus=args.gpus,
+                  scale=args.scale, train_records=grown)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    def save_checkpoint_scores(scores):
+        result["checkpoints"] = dict(shards=questions, scores=scores)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    t0, started = time.perf_counter(), time.time()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # files, not pipes: nothing blocks
+        train = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        if args.score_checkpoints: score_while_training(train, run / "sft", questions, env, save_checkpoint_scores)
+        train.wait()
+        out.seek(0); err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    result["train_seconds"] = round(time.perf_counter() - t0, 1)  # with --score-checkpoints, slowed by the scoring beside it
+    print(stdout[-4000:], stderr[-3000:], sep="\n", flush=True)
+    if train.returncode:
+        result["error"] = stderr[-3000:]
     stages = {}
     for stage in ("pretrain", "align", "sft"):
         path = run / stage / "summary.json"
@@ -232,7 +281,6 @@ def main():
     reached = {**{k[4:]: v for s in stages.values() for k, v in s.items() if "R@1" in k},
                **{k[4:]: v for k, v in sft.items() if k.endswith("_accuracy")}}
     result["targets"] = {k: dict(target=v, reached=reached.get(k), met=(reached.get(k) or 0) >= v) for k, v in TARGETS.items()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))  # now, in case the evaluation runs out of time
     print(json.dumps(result["targets"]), flush=True)
     if not train.returncode and "sft" in stages:
@@ -250,9 +298,7 @@ def main():
                                  "--batches", "2"], capture_output=True, text=True, env=env)
             result["train_answers"] = json.loads(ev.stdout)["answers"] if not ev.returncode else {"error": ev.stderr[-3000:]}
         if questions:  # 60 val questions per kind of task give +-0.06: score many more, none of them trained on
-            ev = subprocess.run([sys.executable, "-m", "r1_scratch.launch", "--eval", str(run), "--shards", questions,
-                                 "--batches", "1", "--answers", "100000"], capture_output=True, text=True, env=env)
-            more = json.loads(ev.stdout)["answers"] if not ev.returncode else {"error": ev.stderr[-3000:]}
+            more = score_answers(str(run), questions, env)
             result["more_questions"] = dict(shards=questions, draws=args.val_draws, answers=more)
             for task in ("vqa", "audio_qa"):
                 if task in more: result["targets"][f"{task}_accuracy"]["reached_more_questions"] = more[task]["accuracy"]
