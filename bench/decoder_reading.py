@@ -64,7 +64,7 @@ import torch
 
 from r1_scratch.config import get_preset
 from r1_scratch.data import IGNORE_INDEX, TextTokenizer, chat_ids, pad_ids
-from r1_scratch.layers import EncoderOutput
+from r1_scratch.layers import EncoderOutput, RMSNorm, attention, combine_masks
 from r1_scratch.model import R1Model
 from r1_scratch.trainer import lr_lambda
 from r1_scratch.samples import (BACKGROUNDS, COLOURS, IMAGE_SIZE, RADIUS, SCENE_QUESTION_KINDS as KINDS, SHAPES, SIZES,
@@ -75,7 +75,8 @@ from r1_scratch.vision import sincos_2d
 ARMS = {"preset": {}, "no_expert_dropout": {"expert_dropout": 0.0}, "dense": {"n_dense_layers": None},
         "lr_1e-3": {"lr": 1e-3}, "lr_3e-4": {"lr": 3e-4}, "dense_lr_3e-4": {"n_dense_layers": None, "lr": 3e-4},
         "dense_register": {"n_dense_layers": None, "lr": 3e-4, "registers": 1},
-        "dense_4x4": {"n_dense_layers": None, "lr": 3e-4, "n_layers": 4, "n_heads": 4}}
+        "dense_4x4": {"n_dense_layers": None, "lr": 3e-4, "n_layers": 4, "n_heads": 4},
+        "dense_qk_norm": {"n_dense_layers": None, "lr": 3e-4, "qk_norm": True}, "qk_norm_lr_3e-4": {"lr": 3e-4, "qk_norm": True}}
 
 
 class Oracle:
@@ -173,6 +174,28 @@ def forward(model: R1Model, batch: dict, with_image: bool = True):
     return model(batch)
 
 
+def add_qk_norm(model: R1Model):
+    """QK-norm in the decoder's self-attention: each head's query and key RMS-normalised, with a learned gain per head
+    dimension (as OLMo 2 and Gemma 3 do), so an attention logit is bounded by the gains rather than by how large the
+    projections grow. Does attention settle on the right image tokens sooner when their logits cannot run away?"""
+    for block in model.blocks:
+        attn = block.attn
+        attn.q_norm, attn.k_norm = RMSNorm(attn.head_dim), RMSNorm(attn.head_dim)  # under `blocks`: the optimiser takes them
+        attn.forward = lambda x, *a, attn=attn, **kw: qk_normed_forward(attn, x, *a, **kw)
+
+
+def qk_normed_forward(attn, x, context=None, key_padding_mask=None, attn_mask=None, bias=None, causal=False,
+                      past_kv=None, return_kv=False):
+    "MultiHeadAttention.forward with q and k normalised per head (no KV cache: this bench trains and scores, never generates)."
+    if past_kv is not None: raise NotImplementedError("the QK-norm arm has no KV cache")
+    q = attn.q_norm(attn._heads(attn.q(x)))
+    k, v = (attn._heads(t) for t in attn.kv(x if context is None else context).chunk(2, dim=-1))
+    k = attn.k_norm(k)
+    mask = combine_masks(q.shape[2], k.shape[2], key_padding_mask, attn_mask, bias, causal, dtype=q.dtype, device=q.device)
+    y = attn.out(attention(q, k, v, mask, attn.dropout if attn.training else 0.0).transpose(1, 2).flatten(2))
+    return (y, (k, v)) if return_kv else y
+
+
 def block_text_image(model: R1Model):
     "Text and image tokens may not attend to each other (the decoder mask's `blocked` pair): does looking at them cost?"
     inputs = model.inputs
@@ -222,6 +245,7 @@ def run_arm(name: str, preset: str, steps: int, batch_size: int, image_size: int
     torch.manual_seed(0)
     model = R1Model(m).to(device)
     if blocked: block_text_image(model)
+    if change.get("qk_norm"): add_qk_norm(model.to("cpu")); model.to(device)
     if change.get("registers"):  # under `inputs`, so the optimiser below takes it
         model.inputs.registers = torch.nn.Parameter(torch.randn(1, change["registers"], m.d_model, device=device))
     params = [p for n, p in model.named_parameters() if n.split(".")[0] in ("inputs", "blocks", "norm", "lm_head")]

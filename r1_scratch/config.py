@@ -132,6 +132,7 @@ class ModelConfig:
     rel_buckets: int = 32
     rel_max_distance: int = 128
     dropout: float = 0.0
+    qk_norm: bool = False                # decoder attention: RMS-normalise each head's queries and keys (03_layers)
     expert_dropout: float = 0.0
     tie_embeddings: bool = True
 

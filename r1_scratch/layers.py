@@ -61,14 +61,16 @@ def attention(q, k, v, mask=None, dropout_p=0.0, causal_only=False):
 
 # %% ../nbs/03_layers.ipynb #d7c02f79
 class MultiHeadAttention(nn.Module):
-    "Multi-head self- or cross-attention on SDPA, with padding masks, boolean masks and additive bias."
-    def __init__(self, dim: int, n_heads: int, dropout: float = 0.0, bias: bool = False):
+    """Multi-head self- or cross-attention on SDPA, with padding masks, boolean masks and additive bias.
+    `qk_norm`: each head's queries and keys RMS-normalised with a learned gain (QK-norm, below)."""
+    def __init__(self, dim: int, n_heads: int, dropout: float = 0.0, bias: bool = False, qk_norm: bool = False):
         super().__init__()
         if dim % n_heads: raise ValueError(f"n_heads={n_heads} does not divide dim={dim}")
         self.n_heads, self.head_dim, self.dropout = n_heads, dim // n_heads, dropout
         self.q = nn.Linear(dim, dim, bias=bias)
         self.kv = nn.Linear(dim, 2 * dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
+        self.q_norm, self.k_norm = (RMSNorm(self.head_dim), RMSNorm(self.head_dim)) if qk_norm else (nn.Identity(), nn.Identity())
 
     def _heads(self, x):  # (B, L, D) -> (B, H, L, d)
         return x.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
@@ -76,8 +78,9 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x, context=None, key_padding_mask=None, attn_mask=None, bias=None, causal=False,
                 past_kv=None, return_kv=False):
         "x (B, Lq, D), context (B, Lk, D) or None -> (B, Lq, D) [, (k, v) for a KV cache]."
-        q = self._heads(self.q(x))
+        q = self.q_norm(self._heads(self.q(x)))
         k, v = (self._heads(t) for t in self.kv(x if context is None else context).chunk(2, dim=-1))
+        k = self.k_norm(k)  # before the cache: a cached key is already normalised
         if past_kv is not None: k, v = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)
         lq, lk = q.shape[2], k.shape[2]
         only_causal = causal and key_padding_mask is None and attn_mask is None and bias is None and lq == lk

@@ -43,7 +43,7 @@ class DecoderBlock(nn.Module):
     "Pre-norm block: x + attn(norm(x)) under a (B, Lq, Lk) mask, then x + ffn(norm(x)), the FFN dense or MoE."
     def __init__(self, m: ModelConfig, moe: bool):
         super().__init__()
-        self.norm1, self.attn = RMSNorm(m.d_model), MultiHeadAttention(m.d_model, m.n_heads, m.dropout)
+        self.norm1, self.attn = RMSNorm(m.d_model), MultiHeadAttention(m.d_model, m.n_heads, m.dropout, qk_norm=m.qk_norm)
         self.norm2 = RMSNorm(m.d_model)
         self.ffn = make_moe(m) if moe else MLP(m.d_model, m.top_k * m.expert_hidden, "swiglu", m.dropout)
 
