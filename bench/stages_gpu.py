@@ -14,7 +14,8 @@ the bundled 2,760 train records are too few for a 154M-parameter model (it overf
 val split stays the bundled one, so scores compare across runs. Sources with speech need espeak-ng: GPU machines
 have none and cannot install it, so --espeak-debs names a folder of its Debian packages (espeak-ng,
 libespeak-ng1, espeak-ng-data, libsonic0; fetch them with `apt-get download`), which are unpacked under /tmp with
-a stub for the sound library (pcaudio_stub.c). Without espeak-ng only the silent sources grow.
+a stub for the sound library (pcaudio_stub.c). Without espeak-ng only the silent sources grow; a complete growth
+with speech (a --grow-only call with --espeak-debs) is reused by later calls without it, not regrown.
 
 Targets (issue 6): retrieval R@1 >= 0.9 both ways, visual QA >= 0.9, audio QA >= 0.8, in a run of about 20 min.
 The JSON holds the exact command, the wall time of each stage, each stage's summary and the evaluation; it is
@@ -134,7 +135,7 @@ def grow_questions(out: Path, draws: int) -> str:
     from r1_scratch.samples import SHARDS, SOURCES
     sources = ["vqa", "audio_qa"] if shutil.which("espeak-ng") else ["vqa"]
     marker, pattern = out / "draws.json", f"{out}/val/{{task}}-{{{SHARDS['val']:06d}..{SHARDS['val'] * (draws + 1) - 1:06d}}}.tar"
-    if marker.exists() and json.loads(marker.read_text()) == dict(draws=draws, sources=sources): return pattern  # grown before
+    if marker.exists() and covers(json.loads(marker.read_text()), "draws", draws, sources): return pattern  # grown before
     staging = out.with_name(f"{out.name}.{os.getpid()}")  # grown aside, then renamed: a run beside this one never reads half
     (staging / "val").mkdir(parents=True)
     jobs = [(str(staging), s, SOURCES[s][1], seed, "val") for s in sources for seed in range(1, draws + 1)]
@@ -150,8 +151,13 @@ def grown_before(out: Path, scale: int, sources: list[str] | None = None) -> dic
     marker = out / "grown.json"
     if not marker.exists(): return None
     done = json.loads(marker.read_text())
-    same = done["scale"] == scale and done.get("sources") == sorted(sources or default_sources())
-    return done["records"] if same else None
+    return done["records"] if covers(done, "scale", scale, sources or default_sources()) else None
+
+
+def covers(done: dict, size_key: str, size: int, sources: list[str]) -> bool:
+    """Whether an earlier growth (its marker `done`) is of this size and holds at least these sources. More is fine:
+    data grown where espeak-ng ran (speech too) serves a later call without it, which must not regrow it silent-only."""
+    return done.get(size_key) == size and set(done.get("sources", [])) >= set(sources)
 
 
 def shard_pattern(folder: Path, split: str) -> str:
