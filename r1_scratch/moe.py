@@ -62,8 +62,14 @@ class Router(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             logits = _fp32_forward(self.net, x)  # (T, E)
             if complexity is not None: logits = logits + complexity.float()[:, None] * self.complexity
-            if self.prior is not None and modality is not None: logits = logits + self.prior[modality]
+            if self.prior is not None and modality is not None: logits = logits + self.modality_prior(modality)
         return logits
+
+    def modality_prior(self, modality: torch.Tensor) -> torch.Tensor:
+        """Each token's row of the (M, E) prior, (T, E). As one-hot (T, M) @ prior, not prior[modality]: the indexed
+        lookup's backward on CUDA is a sort-based scatter of T rows onto M = 3 (33 ms of each 670-ms `small` stage-3
+        step in bench/results/train_profile_h200.json), the product's a plain (M, T) @ (T, E) reduction."""
+        return F.one_hot(modality, self.prior.shape[0]).to(self.prior.dtype) @ self.prior
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None,
                 complexity: torch.Tensor | None = None) -> Routing:

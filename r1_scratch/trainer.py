@@ -32,8 +32,8 @@ log = logging.getLogger("r1_scratch.trainer")
 __all__ = ['log', 'Runtime', 'resolve_precision', 'local_runtime', 'autocast', 'Stage', 'set_trainable', 'lr_multiplier',
            'tied_multiplier', 'make_optimizer', 'lr_lambda', 'CheckpointError', 'check_compatible', 'save_weights',
            'load_weights', 'Checkpoints', 'Callback', 'Progress', 'JsonLines', 'WandB', 'Plots', 'plot_metrics',
-           'NonFiniteError', 'StepResult', 'Trainer', 'unwrap', 'default_callbacks', 'steady_throughput', 'to_device',
-           'lm_loss', 'lm_evaluate', 'lm_stage']
+           'NonFiniteError', 'StepResult', 'to_host', 'Trainer', 'unwrap', 'default_callbacks', 'steady_throughput',
+           'to_device', 'lm_loss', 'lm_evaluate', 'lm_stage']
 
 # %% ../nbs/11_trainer.ipynb #315f6b17
 @dataclass
@@ -302,6 +302,12 @@ class StepResult:
     grad_norm: float
     metrics: dict
 
+def to_host(metrics: dict) -> dict:
+    "The tensor values of `metrics` as floats, read in one device-to-host copy (one wait for the GPU); others unchanged."
+    keys = [k for k, v in metrics.items() if torch.is_tensor(v)]
+    if not keys: return metrics
+    return metrics | dict(zip(keys, torch.stack([metrics[k].reshape(()).float() for k in keys]).tolist()))
+
 class Trainer:
     "Runs one Stage: precision, accumulation, clipping, schedule, callbacks, checkpoints, resume."
     def __init__(self, model: nn.Module, stage: Stage, cfg: Config, run_dir: str | os.PathLike, rt: Runtime | None = None,
@@ -348,8 +354,11 @@ class Trainer:
                 loss = part / targets.clamp(min=1).to(part.dtype) * self.rt.world + extra / len(micro)
             self.scaler.scale(loss).backward()
             loss_sum = loss_sum + part.detach().float()
-            for k, v in m.items(): metrics[k], seen[k] = metrics.get(k, 0.0) + float(v), seen.get(k, 0) + 1
+            for k, v in m.items():  # tensors stay on the device: reading one here would stall the GPU each micro-batch
+                v = v.detach().float() if torch.is_tensor(v) else float(v)
+                metrics[k], seen[k] = metrics.get(k, 0.0) + v, seen.get(k, 0) + 1
         for k in seen: metrics[k] /= seen[k]  # a metric's mean over the micro-batches that report it
+        metrics = to_host(metrics)
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.t.clip_grad)
         step_loss = (self.total(torch.as_tensor(loss_sum)) / targets.clamp(min=1)).item()
@@ -484,7 +493,7 @@ def lm_loss(model: nn.Module, batch: dict, reduce=lm_loss_sum) -> tuple[torch.Te
     loss_sum, _ = reduce(out.logits, batch["labels"])
     m = getattr(model, "module", model).cfg
     extra = m.balance_weight * out.balance + m.z_weight * out.z
-    return loss_sum, extra, dict(balance=out.balance.item(), z=out.z.item())
+    return loss_sum, extra, dict(balance=out.balance.detach(), z=out.z.detach())  # tensors: the trainer reads them once a step
 
 @torch.no_grad()
 def lm_evaluate(model: nn.Module, loader, max_batches: int = 50) -> dict:
