@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .fusion import MODALITY_IDS, DecoderInputs, MultiModalEncoder
 from .layers import MLP, EncoderOutput, MultiHeadAttention, RMSNorm, init_weights
-from .moe import MoELayer, article_expert_modalities, article_families, sequence_complexity
+from .moe import MoELayer, article_expert_modalities, article_families, real_tokens, sequence_complexity
 from .text import MaskedLMHead
 
 # %% auto #0
@@ -38,6 +38,7 @@ class TokenInfo:
     valid: torch.Tensor
     modality: torch.Tensor
     complexity: torch.Tensor
+    keep: torch.Tensor | None = None  # valid's flat indices, found once for every MoE layer (real_tokens, 08_moe)
 
 class DecoderBlock(nn.Module):
     "Pre-norm block: x + attn(norm(x)) under a (B, Lq, Lk) mask, then x + ffn(norm(x)), the FFN dense or MoE."
@@ -52,7 +53,7 @@ class DecoderBlock(nn.Module):
         h, kv = self.attn(self.norm1(x), attn_mask=attn_mask, past_kv=past_kv, return_kv=True)
         x = x + h
         if isinstance(self.ffn, MoELayer):
-            y, aux = self.ffn(self.norm2(x), info.valid, info.modality, info.complexity)
+            y, aux = self.ffn(self.norm2(x), info.valid, info.modality, info.complexity, keep=info.keep)
         else: y, aux = self.ffn(self.norm2(x)), None
         return x + y, aux, kv
 
@@ -115,7 +116,7 @@ class R1Model(nn.Module):
         seq, mask = self.inputs(image, audio, batch["input_ids"], batch["attention_mask"])
         codes = self.inputs.sequence_codes(seq, image.tokens.shape[1])  # positions count real tokens; image: see 07_fusion
         x = seq.embeds + codes.to(seq.embeds.dtype)
-        info = TokenInfo(seq.valid, seq.modality, sequence_complexity(seq.valid, self.max_len))
+        info = TokenInfo(seq.valid, seq.modality, sequence_complexity(seq.valid, self.max_len), real_tokens(seq.valid))
         balance = z = x.new_zeros((), dtype=torch.float32)
         kv = []
         for block in self.blocks:

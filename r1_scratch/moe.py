@@ -20,7 +20,7 @@ __all__ = ['DISPATCH', 'Routing', 'Router', 'limit_groups', 'Experts', 'dispatch
            'expert_counts', 'counting_sort', 'sort_by_expert', 'grouped_matmul', 'permute_rows', 'dispatch_grouped',
            'run_dispatch', 'load_balance_loss', 'router_z_loss', 'update_balance_bias', 'article_expert_modalities',
            'sequence_complexity', 'apply_capacity', 'load_by_modality', 'router_entropy', 'imbalance', 'ExpertFamily',
-           'article_families', 'ExpertFamilies', 'MoELayer', 'moe_end_step']
+           'article_families', 'ExpertFamilies', 'real_tokens', 'MoELayer', 'moe_end_step']
 
 # %% ../nbs/08_moe.ipynb #11afed4f
 @dataclass
@@ -333,6 +333,10 @@ class ExpertFamilies(nn.Module):
         return torch.cat(outs)
 
 # %% ../nbs/08_moe.ipynb #098cbeab
+def real_tokens(mask: torch.Tensor) -> torch.Tensor:
+    "The flat indices of a (B, L) mask's True entries, the tokens an MoE layer routes."
+    return mask.reshape(-1).nonzero(as_tuple=True)[0]
+
 class MoELayer(nn.Module):
     "Router + experts (+ shared experts) + dispatch for (B, L, D) inputs; returns the output and balancing losses."
     def __init__(self, dim: int, hidden: int, n_experts: int = 16, top_k: int = 2, router: str = "linear",
@@ -357,10 +361,12 @@ class MoELayer(nn.Module):
         self._load = self._dropped = None  # sums over the current optimizer step (see end_step)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, modality: torch.Tensor | None = None,
-                complexity: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        "x (B, L, D); mask, modality (ids), complexity: (B, L) -> (y (B, L, D), {'balance', 'z', 'routing', 'dropped'})."
+                complexity: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """x (B, L, D); mask, modality (ids), complexity: (B, L) -> (y (B, L, D), {'balance', 'z', 'routing', 'dropped'}).
+        `keep`: mask's real tokens as flat indices, where the caller has them: finding them (`nonzero`) waits for the
+        GPU, and a decoder's MoE layers share one mask, so it finds them once, not once a layer."""
         flat = x.reshape(-1, x.shape[-1])
-        keep = None if mask is None else mask.reshape(-1).nonzero(as_tuple=True)[0]  # real tokens only
+        if keep is None and mask is not None: keep = real_tokens(mask)  # real tokens only
         pick = (lambda t: None if t is None else t.reshape(-1)) if keep is None else \
                (lambda t: None if t is None else t.reshape(-1)[keep])
         tokens = flat if keep is None else flat.index_select(0, keep)  # (T, D); its backward is an index_add, flat[keep]'s a slower sort-based index_put
