@@ -510,7 +510,11 @@ class Loader:
         return DataLoader(ShardStream(self.spec), batch_size=None, num_workers=self.num_workers,
                           worker_init_fn=_one_thread if self.num_workers else None,
                           generator=torch.Generator().manual_seed(self.spec.seed),
-                          persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+                          persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
+                          # page-locked batches on a GPU machine: the trainer's non_blocking copies then run
+                          # asynchronously (from pageable memory each blocks the CPU; 17 ms of copies a
+                          # step of `small` in bench/results/train_profile_h200.json)
+                          pin_memory=torch.cuda.is_available())
 
     def __iter__(self) -> Iterator[dict]:
         self.position, skip = 0, self._resume_at
