@@ -130,3 +130,26 @@ def test_dense_first_layers_and_deepseek_kind():
     model = R1Model(cfg.model)
     assert len(model.moe_layers) == 1 and model.moe_layers[0].router.score == "sigmoid"
     assert model.moe_layers[0].shared is not None
+
+
+class DeviceReads(torch.utils._python_dispatch.TorchDispatchMode):
+    "Counts the ops that wait for the device: nonzero (its output size) and reading a scalar (.item(), bool())."
+    def __init__(self):
+        super().__init__(); self.nonzero = self.scalar_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.nonzero += name == "nonzero"
+        self.scalar_reads += name == "_local_scalar_dense"
+        return func(*args, **(kwargs or {}))
+
+
+def test_forward_finds_the_real_tokens_once_and_lm_loss_reads_nothing(setup):
+    from r1_scratch.trainer import lm_loss
+    cfg, model, batch = setup
+    assert len(model.moe_layers) > 1  # else once and once a layer are the same
+    with DeviceReads() as forward: model(batch)
+    assert forward.nonzero == 1  # shared by every MoE layer, not one wait a layer
+    with DeviceReads() as loss: _, _, metrics = lm_loss(model, batch)
+    assert (loss.nonzero, loss.scalar_reads) == (forward.nonzero, forward.scalar_reads)  # metrics stay tensors
+    assert all(torch.is_tensor(v) for v in metrics.values())
