@@ -17,17 +17,17 @@ once). An answer counts when every one of its tokens is the argmax under teacher
 write).
 
 Arms: `preset`, and arms that change one thing of it, but these: `dense_lr_3e-4` changes two; `dense_register`,
-`dense_4x4` and `dense_qk_norm` each change one thing of that, and `qk_norm_lr_3e-4` one thing of `lr_3e-4`. `no_expert_dropout` (stage 3's 0.3 off); `dense`
-(SwiGLU FFNs, no MoE); `lr_1e-3` and `lr_3e-4` (the preset's stage-3 lr: tiny 2e-3, small 3e-4, 1e-3 until
-session 13); `dense_lr_3e-4` (dense and 3e-4);
-`dense_register` (one learned token after the 64 patches, for attention to rest on when no patch matches; weight
-decay on it too, as on every parameter here);
-`dense_4x4` (4 layers of 4 heads instead of tiny's 2 of 2); `dense_qk_norm` and `qk_norm_lr_3e-4` (QK-norm in the
-decoder's attention, model.qk_norm, on the dense and the MoE decoder). Options that change the questions: --kinds (train and
-score only these), --balanced ("Is there a <colour> shape?" answered yes half of the time; the course draws the colour
-at random, so "no" 0.74), --reason (its answer names every shape's colour first, "red, pink and green, so yes."; scored
-whole, and by its last word given the right colours as `final_word_by_kind`). --device runs it on a GPU (default: cuda
-where there is one); progress every tenth of the steps.
+`dense_4x4` and `dense_qk_norm` each change one thing of that, and `qk_norm_lr_3e-4` one thing of `lr_3e-4`.
+`no_expert_dropout` (stage 3's 0.3 off); `dense` (SwiGLU FFNs, no MoE); `lr_1e-3` and `lr_3e-4` (the preset's
+stage-3 lr: tiny 2e-3, small 3e-4, 1e-3 until session 13); `dense_lr_3e-4` (dense and 3e-4); `dense_register` (one
+learned token after the 64 patches, for attention to rest on when no patch matches; weight decay on it too, as on
+every parameter here); `dense_4x4` (4 layers of 4 heads instead of tiny's 2 of 2); `dense_qk_norm` and
+`qk_norm_lr_3e-4` (QK-norm in the decoder's attention, model.qk_norm, on the dense and the MoE decoder). Options
+that change the questions: --kinds (train and score only these), --balanced ("Is there a <colour> shape?" answered
+yes half of the time; the course draws the colour at random, so "no" 0.74), --reason (its answer names every shape's
+colour first, "red, pink and green, so yes."; scored whole, and by its last word given the right colours as
+`final_word_by_kind`). --device runs it on a GPU (default: cuda where there is one); progress every tenth of the
+steps.
 
 Measured (tiny's decoder at 64 px, 1,000 steps of 64 questions, ~9 min an arm on 2 cores): 0.35 at tiny's stage-3
 lr of 2e-3 (the blind guesser's; the loss is flat from step 100 on), 0.61 at 1e-3 and 0.75 at 3e-4 (shape at

@@ -240,14 +240,15 @@ def main():
     if args.espeak_debs and not shutil.which("espeak-ng"):
         print("espeak-ng unpacked and runnable:", portable_espeak(Path(args.espeak_debs)), flush=True)
     data = []
-    grown = {}
+    grown, grow_seconds = {}, None  # None: nothing grown by this call
     if args.scale > 1:
         t0 = time.perf_counter()
         grown = grown_before(Path(args.data), args.scale)
         if grown: print(f"reusing the x{args.scale} train data in {args.data}", flush=True)
         else:
             grown = grow_data(Path(args.data), args.scale)
-            print(f"grew train data x{args.scale} in {time.perf_counter() - t0:.0f} s: {grown}", flush=True)
+            grow_seconds = round(time.perf_counter() - t0, 1)
+            print(f"grew train data x{args.scale} in {grow_seconds:.0f} s: {grown}", flush=True)
         data = [f"data.train={shard_pattern(Path(args.data), 'train')}", f"data.val={shard_pattern(Path(args.data), 'val')}",
                 f"data.tokenizer={args.data}/tokenizer.json"]
     questions = grow_questions(Path(f"{args.data}-questions"), args.val_draws) if args.val_draws else None
@@ -259,7 +260,7 @@ def main():
     env = {**os.environ, "R1_NO_PROGRESS": "1"}
     run = Path(args.runs) / name
     result = dict(command=" ".join(["python", *sys.argv]), launch=" ".join(cmd[2:]), preset=args.preset, gpus=args.gpus,
-                  scale=args.scale, train_records=grown)
+                  scale=args.scale, train_records=grown, grow_seconds=grow_seconds)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     def save_checkpoint_scores(scores):
         result["checkpoints"] = dict(shards=questions, scores=scores)
