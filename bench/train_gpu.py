@@ -78,7 +78,8 @@ def run_cached(preset: str, steps: int, batches: int, overrides: list[str]) -> d
     from r1_scratch.data import build_loader
     from r1_scratch.launch import resolve_config
     from r1_scratch.model import R1Model
-    from r1_scratch.trainer import Trainer, lm_stage, local_runtime
+    from r1_scratch.runtime import local_runtime
+    from r1_scratch.trainer import Trainer, lm_stage
     cfg = resolve_config(None, preset, ["train.wandb=disabled", "train.ckpt_every=0", "train.eval_every=0", *overrides])
     st = cfg.stages["sft"]
     held = list(itertools.islice(build_loader(cfg, "train", st.mixture, batch_size=st.batch_size, max_tokens=st.max_tokens),

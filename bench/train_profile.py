@@ -15,7 +15,8 @@ from torch.profiler import ProfilerActivity, profile
 from r1_scratch.data import build_loader
 from r1_scratch.launch import resolve_config
 from r1_scratch.model import R1Model
-from r1_scratch.trainer import Trainer, lm_stage, local_runtime
+from r1_scratch.runtime import local_runtime
+from r1_scratch.trainer import Trainer, lm_stage
 
 
 def main():

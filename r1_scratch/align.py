@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .config import Config
 from .data import TextTokenizer, build_loader
 from .distributed import all_gather_with_grad
+from .runtime import model_device, world_size
 from .trainer import Stage, to_device
 
 # %% auto #0
@@ -60,8 +61,8 @@ def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
 # %% ../nbs/14_stage2_align.ipynb #7a88de22
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
     "Rows of x from every rank, in rank order, with gradients; ranks may hold different numbers of rows."
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return x
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    if world_size() == 1: return x
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world_size())]
     dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
     sizes = [int(s) for s in sizes]
     if max(sizes) == 0: return x                        # nothing anywhere: no collective to run (or to undo)
@@ -175,7 +176,7 @@ def align_loss(model, batch: dict, temperature: float | None = None, uniformity_
 def embed_split(model, cfg: Config, sources: list[str], split: str = "val", batch_size: int = 64, max_batches: int = 100,
                 swaps: WordSwaps | None = None) -> dict:
     "Embeddings, caption keys, presence (and with `swaps` hard negatives) of every captioned sample of `sources` in `split`."
-    device = next(model.parameters()).device
+    device = model_device(model)
     parts, generator = [], torch.Generator().manual_seed(0)  # the same hard negatives in every evaluation
     loader = build_loader(cfg, split, {s: 1.0 for s in sources}, batch_size=batch_size, num_workers=0)
     for _, batch in zip(range(max_batches), loader):

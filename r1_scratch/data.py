@@ -26,6 +26,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as torchvision_decode_image
 
+from .runtime import pin_memory
+
 log = logging.getLogger("r1_scratch.data")
 
 # %% auto #0
@@ -514,7 +516,7 @@ class Loader:
                           # page-locked batches on a GPU machine: the trainer's non_blocking copies then run
                           # asynchronously (from pageable memory each blocks the CPU; 17 ms of copies a
                           # step of `small` in bench/results/train_profile_h200.json)
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=pin_memory())
 
     def __iter__(self) -> Iterator[dict]:
         self.position, skip = 0, self._resume_at

@@ -13,40 +13,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .trainer import Runtime, local_runtime, resolve_precision
+from .runtime import Runtime, init_distributed, shutdown, world_size
 
 # %% auto #0
-__all__ = ['init_distributed', 'shutdown', 'setup_logging', 'wrap_ddp', 'all_gather_with_grad']
-
-# %% ../nbs/12_distributed.ipynb #d7e09208
-def init_distributed(precision: str = "auto", timeout_minutes: float = 30) -> Runtime:
-    "The Runtime for this process: a process group under torchrun (NCCL on GPUs, gloo on CPUs), else one process."
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1: return local_runtime(precision)
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        if local >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK={local} but this machine has {torch.cuda.device_count()} GPU(s): "
-                               "use --nproc_per_node <= the number of GPUs")
-        device = torch.device("cuda", local); torch.cuda.set_device(device)
-        backend = "nccl"
-    else: device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes),
-                                device_id=device if device.type == "cuda" else None)
-    return Runtime(device, rank, world, local, resolve_precision(precision, device))
-
-def shutdown(rt: Runtime):
-    "Leave the process group (all ranks), if there is one."
-    if rt.distributed: dist.barrier(); dist.destroy_process_group()
-
-# %% ../nbs/12_distributed.ipynb #922b918a
-def setup_logging(rt: Runtime, level: int = logging.INFO):
-    "Rank 0 logs at `level`, the other ranks only warnings; every line says which rank wrote it."
-    fmt = f"[rank {rt.rank}] %(levelname)s %(name)s: %(message)s" if rt.world > 1 else "%(levelname)s %(name)s: %(message)s"
-    handler = logging.StreamHandler(sys.stderr); handler.setFormatter(logging.Formatter(fmt))
-    root = logging.getLogger("r1_scratch")
-    root.handlers[:] = [handler]; root.propagate = False
-    root.setLevel(level if rt.is_main else logging.WARNING)
+__all__ = ['wrap_ddp', 'all_gather_with_grad']
 
 # %% ../nbs/12_distributed.ipynb #ee30be94
 def wrap_ddp(model: nn.Module, rt: Runtime, find_unused_parameters: bool = True) -> nn.Module:
@@ -58,6 +28,6 @@ def wrap_ddp(model: nn.Module, rt: Runtime, find_unused_parameters: bool = True)
 # %% ../nbs/12_distributed.ipynb #c61a4bd7
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     "Concatenate x (B, ...) from every rank along dim 0, differentiably; x itself in one process."
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return x
+    if world_size() == 1: return x
     from torch.distributed.nn.functional import all_gather
     return torch.cat(all_gather(x), 0)

@@ -22,9 +22,10 @@ import torch
 from .data import build_loader
 from .config import (PRESETS, Config, ConfigError, apply_overrides, config_from_dict, get_preset, load_config,
                                save_config)
-from .distributed import init_distributed, setup_logging, shutdown, wrap_ddp
+from .distributed import wrap_ddp
+from .runtime import Runtime, autocast, init_distributed, setup_logging, shutdown
 from .model import R1Model, count_parameters
-from .trainer import Checkpoints, CheckpointError, Runtime, Trainer, autocast, lm_evaluate
+from .trainer import Checkpoints, CheckpointError, Trainer, lm_evaluate
 from .data import TextTokenizer, expand_shards
 from .pretrain import pretrain_evaluate, pretrain_options, pretrain_stage
 from .align import align_evaluate, align_stage, config_swaps

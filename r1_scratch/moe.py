@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .config import round_up
 from .layers import ACTIVATIONS, MLP
+from .runtime import is_distributed, model_device, recomputing
 
 # %% auto #0
 __all__ = ['DISPATCH', 'Routing', 'Router', 'limit_groups', 'Experts', 'dispatch_reference', 'dispatch_gather', 'Sorted',
@@ -375,7 +376,7 @@ class MoELayer(nn.Module):
         y = DISPATCH[self.dispatch](tokens, routing, self.experts)
         if self.shared is not None: y = y + self.shared(tokens)
         out = y if keep is None else torch.zeros_like(flat).index_copy_(0, keep, y)
-        if self.training: self._accumulate(routing, dropped)
+        if self.training and not recomputing(): self._accumulate(routing, dropped)  # once, not again in a checkpoint's rerun
         losses = dict(balance=load_balance_loss(routing, self.experts.n_experts), z=router_z_loss(routing),
                       routing=routing, dropped=dropped)
         return out.view_as(x), losses
@@ -389,10 +390,10 @@ class MoELayer(nn.Module):
     @torch.no_grad()
     def end_step(self, bias_rate: float = 0.0) -> dict:
         "Close an optimizer step: sum its loads over ranks, update the balancing bias once, return the step's statistics."
-        distributed = dist.is_available() and dist.is_initialized()
+        distributed = is_distributed()
         if self._load is None and not distributed: return {}
         if self._load is None:  # no token reached this layer here (an image-only batch): still join the sum
-            totals = torch.zeros(self.experts.n_experts + 1, dtype=torch.long, device=next(self.router.parameters()).device)
+            totals = torch.zeros(self.experts.n_experts + 1, dtype=torch.long, device=model_device(self.router))
         else: totals = torch.cat([self._load, self._dropped.reshape(1).long()])
         if distributed: dist.all_reduce(totals)  # every rank gets the same bias
         self._load = self._dropped = None

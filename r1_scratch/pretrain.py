@@ -14,6 +14,7 @@ from .config import Config, StageConfig
 from .data import TextTokenizer, build_loader
 from .model import PRETRAIN_LOSSES, lm_loss_sum
 from .text import mlm_loss
+from .runtime import model_device
 from .trainer import Stage, to_device
 
 # %% auto #0
@@ -123,7 +124,7 @@ def one_per_batch(batch: dict) -> torch.Tensor:
 def pretrain_evaluate(model, cfg: Config, sources: list[str], tok: TextTokenizer, options: dict,
                       max_batches: int = 4, batch_size: int = 32) -> dict:
     "Mean stage-1 losses (unweighted) and MLM accuracy per loss on the validation split."
-    device, state = next(model.parameters()).device, torch.get_rng_state()
+    device, state = model_device(model), torch.get_rng_state()
     torch.manual_seed(0)                                # the same masks every evaluation
     sums, counts = {}, {}
     for source in sources:

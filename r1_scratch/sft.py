@@ -12,6 +12,7 @@ import torch
 from .config import Config
 from .data import IGNORE_INDEX, TextTokenizer, build_loader
 from .model import generate, targets_per_row, token_losses
+from .runtime import model_device
 from .trainer import Stage, lm_evaluate, lm_loss, lm_stage, to_device
 
 # %% auto #0
@@ -92,7 +93,7 @@ def answer_accuracy(model, cfg: Config, source: str, task: str | None = None, ma
                     batch_size: int = 32, examples: int = 3) -> dict:
     "Greedy answers to the validation questions of `task` (default: `source`) read from `source`: accuracy, blind bar, examples."
     tok, task = TextTokenizer.from_file(cfg.data.tokenizer), task or source
-    device, was_training = next(model.parameters()).device, model.training
+    device, was_training = model_device(model), model.training
     model.eval()
     rows = []
     for batch in build_loader(cfg, "val", {source: 1.0}, batch_size=batch_size, num_workers=0):

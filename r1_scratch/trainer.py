@@ -25,49 +25,15 @@ from .config import Config, TrainConfig, config_to_dict
 from .data import build_loader
 from .model import count_targets, count_tokens, lm_loss_sum, model_flops
 from .moe import moe_end_step
+from .runtime import Runtime, autocast, barrier, local_runtime, model_device
 
 log = logging.getLogger("r1_scratch.trainer")
 
 # %% auto #0
-__all__ = ['log', 'Runtime', 'resolve_precision', 'local_runtime', 'autocast', 'Stage', 'set_trainable', 'lr_multiplier',
-           'tied_multiplier', 'make_optimizer', 'lr_lambda', 'CheckpointError', 'check_compatible', 'save_weights',
-           'load_weights', 'Checkpoints', 'Callback', 'Progress', 'JsonLines', 'WandB', 'Plots', 'plot_metrics',
-           'NonFiniteError', 'StepResult', 'to_host', 'Trainer', 'unwrap', 'default_callbacks', 'steady_throughput',
-           'to_device', 'lm_loss', 'lm_evaluate', 'lm_stage']
-
-# %% ../nbs/11_trainer.ipynb #315f6b17
-@dataclass
-class Runtime:
-    "The device, this process's rank, the world size and the training precision."
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    precision: str = "fp32"
-
-    @property
-    def is_main(self) -> bool: return self.rank == 0
-
-    @property
-    def distributed(self) -> bool: return dist.is_available() and dist.is_initialized()
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    "'auto' -> 'bf16' on a GPU with bf16, else 'fp32'; fp16/bf16 on a CPU are refused with a clear message."
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision in ("fp16", "bf16") and device.type != "cuda":
-        raise ValueError(f"train.precision={precision} needs a CUDA GPU; on a CPU use train.precision=fp32 (or auto)")
-    return precision
-
-def local_runtime(precision: str = "auto") -> Runtime:
-    "A one-process Runtime: the GPU if there is one, else the CPU."
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return Runtime(device, precision=resolve_precision(precision, device))
-
-def autocast(rt: Runtime):
-    "The autocast context for the runtime's precision (nothing for fp32)."
-    if rt.precision == "fp32": return nullcontext()
-    return torch.autocast(rt.device.type, dtype=torch.bfloat16 if rt.precision == "bf16" else torch.float16)
+__all__ = ['log', 'Stage', 'set_trainable', 'lr_multiplier', 'tied_multiplier', 'make_optimizer', 'lr_lambda', 'CheckpointError',
+           'check_compatible', 'save_weights', 'load_weights', 'Checkpoints', 'Callback', 'Progress', 'JsonLines',
+           'WandB', 'Plots', 'plot_metrics', 'NonFiniteError', 'StepResult', 'to_host', 'Trainer', 'unwrap',
+           'default_callbacks', 'steady_throughput', 'to_device', 'lm_loss', 'lm_evaluate', 'lm_stage']
 
 # %% ../nbs/11_trainer.ipynb #6371515e
 @dataclass
@@ -199,9 +165,9 @@ class Checkpoints:
         if rt.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
-        _barrier(rt)
+        barrier()
         torch.save(_rng_state(), tmp / f"rng_{rt.rank}.pt")
-        _barrier(rt)
+        barrier()
         if rt.is_main:
             save_weights(model, tmp / "model.safetensors")
             torch.save(state, tmp / "state.pt")
@@ -209,7 +175,7 @@ class Checkpoints:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in self.all()[:-self.keep_last] if self.keep_last else []: shutil.rmtree(old, ignore_errors=True)
-        _barrier(rt)
+        barrier()
         return final
 
     def load(self, path: str | os.PathLike, model: nn.Module, rt: Runtime | None = None) -> tuple[dict, dict]:
@@ -498,7 +464,7 @@ def lm_loss(model: nn.Module, batch: dict, reduce=lm_loss_sum) -> tuple[torch.Te
 @torch.no_grad()
 def lm_evaluate(model: nn.Module, loader, max_batches: int = 50) -> dict:
     "Loss per target token, perplexity and next-token accuracy on up to `max_batches` batches."
-    device = next(model.parameters()).device
+    device = model_device(model)
     loss, correct, n = 0.0, 0, 0
     for _, batch in zip(range(max_batches), loader):
         batch = to_device(batch, device)

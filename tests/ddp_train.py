@@ -21,7 +21,8 @@ import torch
 
 from r1_scratch.config import apply_overrides, get_preset
 from r1_scratch.data import build_loader
-from r1_scratch.distributed import init_distributed, shutdown, wrap_ddp
+from r1_scratch.distributed import wrap_ddp
+from r1_scratch.runtime import init_distributed, shutdown
 from r1_scratch.model import R1Model, count_targets
 from r1_scratch.trainer import Stage, Trainer, lm_loss
 from r1_scratch.align import align_loss, count_pairs, swap_one_word, word_swaps

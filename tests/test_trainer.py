@@ -9,8 +9,8 @@ import torch
 from r1_scratch.config import apply_overrides, get_preset, with_data_root
 from r1_scratch.model import R1Model
 from r1_scratch import trainer as trainer_module
-from r1_scratch.trainer import (CheckpointError, Checkpoints, NonFiniteError, Stage, Trainer, lm_stage, lr_lambda,
-                                resolve_precision)
+from r1_scratch.runtime import resolve_precision
+from r1_scratch.trainer import CheckpointError, Checkpoints, NonFiniteError, Stage, Trainer, lm_stage, lr_lambda
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ["R1_NO_PROGRESS"] = "1"
