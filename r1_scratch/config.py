@@ -23,9 +23,10 @@ from fastcore.script import Param, call_parse
 
 # %% auto #0
 __all__ = ['SHAPE_WORDS', 'PRESETS', 'ConfigError', 'check_fields', 'round_up', 'derived_sizes', 'ModelConfig', 'check_model',
-           'DataConfig', 'check_mixture', 'check_data', 'TrainConfig', 'check_train', 'StageConfig', 'check_stage',
-           'default_stages', 'Config', 'validate', 'config_from_dict', 'config_to_dict', 'get_preset', 'with_data_root',
-           'YamlLoader', 'read_yaml', 'parse_override', 'apply_overrides', 'save_config', 'load_config', 'main']
+           'DataConfig', 'check_mixture', 'check_data', 'TrainConfig', 'check_train', 'DistConfig', 'check_dist',
+           'StageConfig', 'check_stage', 'default_stages', 'Config', 'validate', 'config_from_dict', 'config_to_dict',
+           'get_preset', 'with_data_root', 'YamlLoader', 'read_yaml', 'parse_override', 'apply_overrides',
+           'save_config', 'load_config', 'main']
 
 # %% ../nbs/00_config.ipynb #fc9aba4c
 class ConfigError(ValueError):
@@ -261,6 +262,7 @@ class TrainConfig:
     out_dir: str = "runs"
     run_name: str = ""                   # '' = derived by the trainer
     wandb: Literal["offline", "online", "disabled"] = "offline"
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"  # per block (12_distributed)
 
     def __post_init__(self): check_train(self)
 
@@ -274,6 +276,24 @@ def check_train(t: TrainConfig) -> TrainConfig:
     _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
     _require(all(0 <= b < 1 for b in t.betas), f"train.betas must be in [0, 1), got {t.betas}")
     return t
+
+# %% ../nbs/00_config.ipynb #5f674df1
+@dataclass
+class DistConfig:
+    "How the model is spread over the GPUs: DDP, FSDP2, or chosen by the memory planner."
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: FSDP where DDP would not fit (19_scaling)
+    cpu_offload: bool = False            # FSDP only: shards, gradients and AdamW state in host memory
+    timeout_minutes: float = 30.0        # how long a collective may wait for a slow rank
+
+    def __post_init__(self): check_dist(self)
+
+def check_dist(d: DistConfig) -> DistConfig:
+    "Types and combinations of the dist section."
+    check_fields(d, "dist")
+    _require(d.timeout_minutes > 0, f"dist.timeout_minutes must be positive, got {d.timeout_minutes}")
+    _require(not d.cpu_offload or d.strategy != "ddp",
+             "dist.cpu_offload=true needs dist.strategy=fsdp (or auto): DDP keeps every weight on the GPU")
+    return d
 
 # %% ../nbs/00_config.ipynb #4e077930
 @dataclass
@@ -325,6 +345,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     stages: dict[str, StageConfig] = field(default_factory=default_stages)
     preset: str = "tiny"
 
@@ -333,7 +354,12 @@ class Config:
 # %% ../nbs/00_config.ipynb #d9d3515f
 def validate(cfg: Config) -> Config:
     "Check types, choices and sizes of a whole config; ConfigError names the first bad field."
-    check_model(cfg.model); check_data(cfg.data); check_train(cfg.train)
+    check_model(cfg.model)
+    check_data(cfg.data)
+    check_train(cfg.train)
+    check_dist(cfg.dist)
+    _require(not (cfg.dist.strategy == "fsdp" and cfg.train.precision == "fp16"),
+             "dist.strategy=fsdp trains in bf16 or fp32: set train.precision=bf16 (fp16 would need a sharded loss scaler)")
     _require(isinstance(cfg.preset, str), f"preset: expected str, got {cfg.preset!r}")
     _require(isinstance(cfg.stages, dict) and all(isinstance(s, StageConfig) for s in cfg.stages.values()),
              "stages: expected a dict of StageConfig")
@@ -380,7 +406,9 @@ _ARTICLE_SCALE = dict(
                ffn_multiple_of=256),
     data=dict(batch_size=64, max_text_tokens=2048, max_audio_seconds=30.0, num_workers=8, shuffle_buffer=10000,
               bucket_pool=8192),
-    train=dict(max_steps=300000, warmup_steps=2000, precision="bf16", log_every=100, eval_every=5000, ckpt_every=2000),
+    train=dict(max_steps=300000, warmup_steps=2000, precision="bf16", log_every=100, eval_every=5000, ckpt_every=2000,
+               activation_checkpointing="full"),
+    dist=dict(strategy="fsdp"),
     stages=dict(pretrain=dict(steps=300000, lr=3e-4, batch_size=64, grad_accum=8),  # 64 x 8 x 8 GPUs = 4096
                 sft=dict(max_tokens=65536, batch_size=512)))
 PRESETS["r1_22b"] = {**_ARTICLE_SCALE, "model": {**_ARTICLE_SCALE["model"], "depth": 32, "text_layers": 24,
@@ -405,7 +433,7 @@ def _check_keys(d, known, where: str) -> dict:
     return d
 
 # %% ../nbs/00_config.ipynb #32049cff
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "dist": DistConfig}
 
 def _field_names(cls) -> list[str]: return [f.name for f in dataclasses.fields(cls)]
 
@@ -425,7 +453,7 @@ def config_from_dict(d: dict, preset: str | None = None) -> Config:
     d = dict(_check_keys(d or {}, [*_SECTIONS, "stages", "preset"], ""))
     name = d.pop("preset", None) or preset or "tiny"
     _require(name in PRESETS, f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    tree = {"model": {}, "data": {}, "train": {}, "stages": {k: {} for k in default_stages()}}
+    tree = {"model": {}, "data": {}, "train": {}, "dist": {}, "stages": {k: {} for k in default_stages()}}
     tree = _merge(_merge(tree, PRESETS[name]), d)
     stages = {k: StageConfig(**{**dataclasses.asdict(v), **tree["stages"][k]}) for k, v in default_stages().items()}
     return Config(**{k: cls(**tree[k]) for k, cls in _SECTIONS.items()}, stages=stages, preset=name)

@@ -3,20 +3,35 @@
 # %% ../nbs/12_distributed.ipynb #95fc6e68
 from __future__ import annotations
 
+import functools
 import logging
-import os
-import sys
-from datetime import timedelta
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .runtime import Runtime, init_distributed, shutdown, world_size
+from .runtime import Runtime, init_distributed, recomputation, shutdown, world_size
+
+log = logging.getLogger("r1_scratch.distributed")
 
 # %% auto #0
-__all__ = ['wrap_ddp', 'all_gather_with_grad']
+__all__ = ['log', 'SAVED_OPS', 'wrap_ddp', 'all_gather_with_grad', 'is_fsdp', 'decoder_blocks', 'mixed_precision', 'shard_model',
+           'fixed_backward_prefetch', 'count_calls', 'decoder_calls', 'decoder_trains', 'stand_in_batch',
+           'root_weights', 'graph_leaves', 'lockstep_loss', 'drop_unused_gradients', 'gathered', 'keep_products',
+           'checkpointed', 'all_blocks', 'apply_activation_checkpointing', 'sharded_state', 'save_sharded',
+           'load_sharded', 'sharded_shapes', 'load_whole_weights', 'resolve_strategy', 'wrap_model']
 
 # %% ../nbs/12_distributed.ipynb #ee30be94
 def wrap_ddp(model: nn.Module, rt: Runtime, find_unused_parameters: bool = True) -> nn.Module:
@@ -31,3 +46,219 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1: return x
     from torch.distributed.nn.functional import all_gather
     return torch.cat(all_gather(x), 0)
+
+# %% ../nbs/12_distributed.ipynb #300369fe
+def is_fsdp(model: nn.Module) -> bool:
+    "Whether `model` was sharded by FSDP2's fully_shard."
+    return isinstance(model, FSDPModule)
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    "The decoder's blocks, one FSDP unit each ([] for a model without `blocks`)."
+    blocks = getattr(model, "blocks", None)
+    return list(blocks) if isinstance(blocks, nn.ModuleList) else []
+
+# %% ../nbs/12_distributed.ipynb #4c4fb168
+def mixed_precision(precision: str) -> MixedPrecisionPolicy:
+    "bf16 weights in compute with fp32 gradient reduction under bf16; fp32 throughout otherwise."
+    if precision == "fp16":
+        raise ValueError("dist.strategy=fsdp trains in bf16 or fp32: set train.precision=bf16")
+    if precision == "bf16": return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+def shard_model(model: nn.Module, rt: Runtime, cpu_offload: bool = False) -> nn.Module:
+    "FSDP2 in place: each decoder block a unit, the rest (encoders, embeddings, heads) the root unit."
+    if cpu_offload and rt.device.type != "cuda":
+        raise ValueError("dist.cpu_offload=true moves FSDP's shards from the GPU to the host: it needs GPUs")
+    mesh = init_device_mesh(rt.device.type, (rt.world,))
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    options = dict(mesh=mesh, mp_policy=mixed_precision(rt.precision), offload_policy=offload)
+    for block in decoder_blocks(model):
+        fully_shard(block, reshard_after_forward=True, **options)  # gathered again for its backward
+    for block in decoder_blocks(model)[:1]: count_calls(block)     # did this micro-batch run the decoder?
+    fully_shard(model, reshard_after_forward=False, **options)     # the root's weights serve both passes
+    fixed_backward_prefetch(model)
+    return model
+
+def fixed_backward_prefetch(model: nn.Module):
+    "Block i gathers block i-1 during its backward; the root, gathered throughout, prefetches nothing."
+    blocks = decoder_blocks(model)
+    for previous, block in zip(blocks[:1] + blocks[:-1], blocks): block.set_modules_to_backward_prefetch([previous])
+    model.set_modules_to_backward_prefetch([model])  # a list of one unit already gathered: no default prefetch
+
+# %% ../nbs/12_distributed.ipynb #2f606eda
+def count_calls(module: nn.Module) -> nn.Module:
+    "Count `module`'s forward calls in `module.calls`."
+    module.calls = 0
+    def hook(m, args): m.calls += 1
+    module.register_forward_pre_hook(hook)
+    return module
+
+def decoder_calls(model: nn.Module) -> int:
+    "How many forwards the first decoder block has run (0 without a counted decoder)."
+    return next((getattr(b, "calls", 0) for b in decoder_blocks(model)[:1]), 0)
+
+def decoder_trains(model: nn.Module) -> bool:
+    "Whether any decoder block has a trainable weight in this stage."
+    return any(p.requires_grad for block in decoder_blocks(model) for p in block.parameters())
+
+# %% ../nbs/12_distributed.ipynb #26bfbcea
+def stand_in_batch(model: nn.Module, device: torch.device) -> dict:
+    "One text token and nothing else: the smallest batch that runs every decoder block."
+    m = model.cfg
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids, dtype=torch.bool), labels=ids,
+                images=torch.zeros(1, m.image_channels, m.image_size, m.image_size, device=device),
+                has_image=torch.zeros(1, dtype=torch.bool, device=device), audio=torch.zeros(1, 1, device=device),
+                audio_lengths=torch.zeros(1, dtype=torch.long, device=device))
+
+def root_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    "The trainable weights outside the decoder blocks (the root unit's), by name."
+    in_blocks = {id(p) for block in decoder_blocks(model) for p in block.parameters()}
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_blocks}
+
+def graph_leaves(*tensors: torch.Tensor) -> set[int]:
+    "The ids of the weights the tensors' autograd graph reaches (what DDP's unused-parameter search finds)."
+    leaves, seen, todo = set(), set(), [t.grad_fn for t in tensors if t.grad_fn is not None]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen: continue
+        seen.add(node)
+        if hasattr(node, "variable"): leaves.add(id(node.variable))
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+# %% ../nbs/12_distributed.ipynb #edc90294
+def lockstep_loss(loss: Callable) -> Callable:
+    "A stage loss under which every FSDP rank runs the decoder and gives each root weight a gradient."
+    @functools.wraps(loss)
+    def run(model: nn.Module, batch: dict):
+        before = decoder_calls(model)
+        part, extra, metrics = loss(model, batch)
+        ran = decoder_calls(model) > before
+        root = root_weights(model)  # gathered now: plain tensors, the ones the graph holds
+        reached = graph_leaves(part, extra)
+        model.__dict__.setdefault("weights_used", set()).update(
+            {n for n, p in root.items() if id(p) in reached} | ({"decoder"} if ran else set()))
+        zero = part.new_zeros(()).float()
+        if decoder_blocks(model) and not ran and decoder_trains(model):
+            with recomputation():  # a stand-in: its tokens are not the MoE's load
+                out = model(stand_in_batch(model, part.device))
+            zero = zero + out.logits.float().sum() + out.balance + out.z
+        zero = zero + sum(p.reshape(-1)[0].float() for p in root.values())
+        return part, extra + 0.0 * zero, metrics
+    return run
+
+# %% ../nbs/12_distributed.ipynb #afd9485d
+def drop_unused_gradients(model: nn.Module):
+    "Gradients of weights no rank used this step become None, so AdamW skips them as it does under DDP."
+    used = model.__dict__.pop("weights_used", set())
+    names = ["decoder", *root_weights(model)]  # the same order on every rank
+    flags = torch.tensor([float(n in used) for n in names], device=next(model.parameters()).device)
+    if world_size() > 1: dist.all_reduce(flags)
+    unused = {n for n, flag in zip(names, flags.tolist()) if flag == 0}
+    weights = dict(model.named_parameters())
+    dropped = [weights[n] for n in unused - {"decoder"}]
+    if "decoder" in unused: dropped += [p for block in decoder_blocks(model) for p in block.parameters()]
+    for p in dropped: p.grad = None
+
+# %% ../nbs/12_distributed.ipynb #d9cfba10
+@contextmanager
+def gathered(model: nn.Module):
+    "Every FSDP unit of `model` unsharded inside the block, so ranks may run different forwards (evaluation)."
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try: yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(unit is not model, recurse=False)  # as shard_model set them
+
+# %% ../nbs/12_distributed.ipynb #ebc27a1f
+SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+             torch.ops.aten._grouped_mm.default, torch.ops.aten._scaled_dot_product_flash_attention.default,
+             torch.ops.aten._scaled_dot_product_efficient_attention.default,
+             torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+def keep_products(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    "Selective checkpointing: keep matrix products and attention, recompute everything else."
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+# %% ../nbs/12_distributed.ipynb #0af299ad
+def checkpointed(forward: Callable, selective: bool = False) -> Callable:
+    "`forward` under activation checkpointing; its rerun in the backward runs as a recomputation."
+    context = functools.partial(create_selective_checkpoint_contexts, keep_products) if selective else None
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        calls = [0]
+        def body(*a, **k):
+            calls[0] += 1
+            if calls[0] == 1: return forward(*a, **k)
+            with recomputation(): return forward(*a, **k)
+        options = dict(context_fn=context) if context else {}
+        return checkpoint(body, *args, use_reentrant=False, **options, **kwargs)
+    return run
+
+# %% ../nbs/12_distributed.ipynb #93920c81
+def all_blocks(model: nn.Module) -> list[nn.Module]:
+    "Every block of every `blocks` list: the decoder's and the encoders'."
+    lists = [m for name, m in model.named_modules() if name.split(".")[-1] == "blocks" and isinstance(m, nn.ModuleList)]
+    return [block for blocks in lists for block in blocks]
+
+def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> nn.Module:
+    "Checkpoint every block ('full' or 'selective'), or none; in place, names unchanged."
+    if mode not in ("none", "full", "selective"):
+        raise ValueError(f"train.activation_checkpointing must be none, full or selective, not {mode!r}")
+    for block in all_blocks(model):
+        plain = block.__dict__.setdefault("_plain_forward", block.forward)
+        block.forward = plain if mode == "none" else checkpointed(plain, selective=mode == "selective")
+    return model
+
+# %% ../nbs/12_distributed.ipynb #3b2db71f
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    "The model's (and optimizer's) state by parameter name: this rank's shards under FSDP, whole tensors otherwise."
+    if optimizer is None: return dict(model=get_model_state_dict(model))
+    weights, moments = get_state_dict(model, optimizer)
+    return dict(model=weights, optimizer=moments)
+
+def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
+    "Every rank writes its shards of the weights (and AdamW state) under `path` (DCP)."
+    dcp.save(sharded_state(model, optimizer), checkpoint_id=str(path))
+
+def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
+    "Read a DCP checkpoint into `model` (and `optimizer`), resharded for this run's ranks, or whole in one process."
+    state = sharded_state(model, optimizer)
+    # partial: a weight that never had a gradient has no AdamW state to read (the weights are checked before this)
+    dcp.load(state, checkpoint_id=str(path), planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    if optimizer is None: set_model_state_dict(model, state["model"])
+    else: set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+# %% ../nbs/12_distributed.ipynb #e15c816d
+def sharded_shapes(path: str | Path) -> dict[str, tuple]:
+    "Each model tensor's full shape in a DCP checkpoint, read from its metadata alone."
+    entries = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k[len("model."):]: tuple(v.size) for k, v in entries.items() if k.startswith("model.") and hasattr(v, "size")}
+
+def load_whole_weights(model: nn.Module, tensors: dict[str, torch.Tensor]):
+    "Whole tensors into `model`, cut into this rank's shards when it is sharded."
+    if not is_fsdp(model): return model.load_state_dict(tensors)
+    set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True))
+
+# %% ../nbs/12_distributed.ipynb #13ea5943
+def resolve_strategy(cfg, rt: Runtime) -> str:
+    "The config's dist.strategy, with 'auto' decided by the memory planner (DDP where it fits, else FSDP)."
+    if cfg.dist.strategy != "auto": return cfg.dist.strategy
+    if rt.device.type != "cuda": return "ddp"
+    from r1_scratch.memory import choose_strategy
+    return choose_strategy(cfg, rt.world, torch.cuda.get_device_properties(rt.device).total_memory)
+
+def wrap_model(model: nn.Module, cfg, rt: Runtime) -> nn.Module:
+    "The model as a run trains it: blocks checkpointed as configured, then DDP or FSDP2."
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    strategy = resolve_strategy(cfg, rt)
+    if strategy == "ddp": return wrap_ddp(model, rt)
+    if rt.world == 1 and rt.device.type == "cpu":
+        warnings.warn("dist.strategy=fsdp in one CPU process shards nothing: use ddp (the default) unless testing FSDP")
+    return shard_model(model, rt, cfg.dist.cpu_offload)

@@ -126,7 +126,7 @@ class DecoderInputs(nn.Module):
         self.token_embedding = nn.Embedding(vocab_size, dim)
         # sin-cos codes have entries of RMS 1/sqrt(2); the embeddings start at std 0.02 (init_weights): this gain starts
         # the codes at the embeddings' scale, and learns the balance (10_model shows what raw codes do to the decoder)
-        self.position_gain = nn.Parameter(torch.tensor(0.02 * 2 ** 0.5))
+        self.position_gain = nn.Parameter(torch.full((1,), 0.02 * 2 ** 0.5))  # shape (1,): FSDP shards no scalars
 
     def position_codes(self, positions: torch.Tensor, length: int) -> torch.Tensor:
         "Scaled sin-cos codes (..., D) of `positions` (...), each below `length`: what the decoder adds to its inputs."

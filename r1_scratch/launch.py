@@ -22,7 +22,7 @@ import torch
 from .data import build_loader
 from .config import (PRESETS, Config, ConfigError, apply_overrides, config_from_dict, get_preset, load_config,
                                save_config)
-from .distributed import wrap_ddp
+from .distributed import wrap_model
 from .runtime import Runtime, autocast, init_distributed, setup_logging, shutdown
 from .model import R1Model, count_parameters
 from .trainer import Checkpoints, CheckpointError, Trainer, lm_evaluate
@@ -74,7 +74,7 @@ def run_stages(cfg: Config, stages: list[str], run_dir: Path, rt: Runtime) -> li
         counts = count_parameters(model)
         log.info("model: %.1fM parameters, %.1fM active per token; %d process(es) on %s, %s",
                  counts["total"] / 1e6, counts["active"] / 1e6, rt.world, rt.device.type, rt.precision)
-    train_model = wrap_ddp(model, rt)
+    train_model = wrap_model(model, cfg, rt)  # checkpointed blocks, then DDP or FSDP2 (dist.strategy)
     if cfg.train.compile: train_model = torch.compile(train_model)
     summaries = []
     for name in stages:
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         stages = select_stages(cfg, args.stages)
     except (ConfigError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr); return 2
-    rt = init_distributed(cfg.train.precision)
+    rt = init_distributed(cfg.train.precision, cfg.dist.timeout_minutes)
     setup_logging(rt)
     run_dir = Path(cfg.train.out_dir) / (args.name or cfg.train.run_name or cfg.preset)
     if rt.is_main:

@@ -67,7 +67,7 @@ class TrainingHeads(nn.Module):
         self.mlm = MaskedLMHead(m.d_model, m.vocab_size, embedding=text_embedding)
         self.patch = nn.Linear(m.d_model, m.patch_size ** 2 * m.image_channels)     # one token -> its pixels
         self.mel = nn.Linear(m.d_model, 2 ** m.audio_conv_layers * m.n_mels)        # one token -> its mel frames
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))          # CLIP's initial temperature
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))      # CLIP's temperature; (1,): FSDP shards no scalars
         self.log_var = nn.Parameter(torch.zeros(len(PRETRAIN_LOSSES)))              # uncertainty weights, stage 1
         init_weights(self.patch, 1); init_weights(self.mel, 1)
 
@@ -112,6 +112,10 @@ class R1Model(nn.Module):
     def forward(self, batch: dict, return_kv: bool = False, objective=None) -> ModelOutput:
         "Decoder logits for `batch`; or `objective(self, batch)`, a stage's own computation run as the forward pass."
         if objective is not None: return objective(self, batch)  # DDP only syncs what runs inside its forward
+        return self.decode(batch, return_kv)
+
+    def decode(self, batch: dict, return_kv: bool = False) -> ModelOutput:
+        "The decoder over the batch's image, audio and text tokens; what an objective calls instead of `self(batch)`."
         image, audio = self.encode_prefix(batch)
         seq, mask = self.inputs(image, audio, batch["input_ids"], batch["attention_mask"])
         codes = self.inputs.sequence_codes(seq, image.tokens.shape[1])  # positions count real tokens; image: see 07_fusion

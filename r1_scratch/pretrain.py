@@ -36,7 +36,7 @@ def special_ids(tok: TextTokenizer) -> list[int]:
 
 def text_losses(model, batch: dict, tok: TextTokenizer, p: float = 0.15) -> dict:
     "Masked-LM loss of the text encoder (unless p = 0) and causal-LM loss of the decoder, each a mean over its targets."
-    lm_sum, lm_count = lm_loss_sum(model(batch).logits, batch["labels"])
+    lm_sum, lm_count = lm_loss_sum(model.decode(batch).logits, batch["labels"])  # inside the forward: not model(batch)
     out = dict(decoder_lm=lm_sum / lm_count.clamp(min=1))
     if p == 0: return out                               # decoder-only pretraining (the tiny preset)
     mlm, stats = mlm_loss(model.encoders.text, model.heads.mlm, batch["text_ids"], batch["text_mask"], tok.mask_id, p,

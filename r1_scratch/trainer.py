@@ -20,11 +20,14 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from .config import Config, TrainConfig, config_to_dict
 from .data import build_loader
 from .model import count_targets, count_tokens, lm_loss_sum, model_flops
 from .moe import moe_end_step
+from .distributed import (drop_unused_gradients, gathered, is_fsdp, load_sharded, load_whole_weights, lockstep_loss, save_sharded,
+                                    sharded_shapes)
 from .runtime import Runtime, autocast, barrier, local_runtime, model_device
 
 log = logging.getLogger("r1_scratch.trainer")
@@ -158,8 +161,9 @@ class Checkpoints:
         found = self.all()
         return found[-1] if found else None
 
-    def save(self, step: int, model: nn.Module, state: dict, meta: dict, rt: Runtime) -> Path | None:
-        "Write checkpoint `step` (every rank writes its RNG; rank 0 the rest) and rename it into place."
+    def save(self, step: int, model: nn.Module, state: dict, meta: dict, rt: Runtime,
+             optimizer: torch.optim.Optimizer | None = None) -> Path | None:
+        "Write checkpoint `step` (every rank its RNG, and its shards if sharded; rank 0 the rest); rename it into place."
         final = self.root / f"step_{step:06d}"
         tmp = self.root / f".tmp_step_{step:06d}"
         if rt.is_main:
@@ -167,9 +171,10 @@ class Checkpoints:
             shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
         barrier()
         torch.save(_rng_state(), tmp / f"rng_{rt.rank}.pt")
+        if is_fsdp(model): save_sharded(tmp / "dcp", model, optimizer)  # every rank at once, its own shards
         barrier()
         if rt.is_main:
-            save_weights(model, tmp / "model.safetensors")
+            if not is_fsdp(model): save_weights(model, tmp / "model.safetensors")
             torch.save(state, tmp / "state.pt")
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: its presence marks a complete copy
             shutil.rmtree(final, ignore_errors=True)
@@ -178,13 +183,19 @@ class Checkpoints:
         barrier()
         return final
 
-    def load(self, path: str | os.PathLike, model: nn.Module, rt: Runtime | None = None) -> tuple[dict, dict]:
-        "Load weights into `model` (checked first) and this rank's RNG; return (state, meta)."
+    def load(self, path: str | os.PathLike, model: nn.Module, rt: Runtime | None = None,
+             optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict]:
+        "Load weights (checked first) into `model`, a sharded checkpoint's AdamW state into `optimizer`, and this rank's RNG."
         path = Path(path)
         if not (path / "meta.json").exists(): raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json)")
-        tensors = load_weights(path / "model.safetensors")
-        check_compatible(model, tensors, str(path))
-        model.load_state_dict(tensors)
+        if (path / "dcp").exists():  # sharded: resharded for this run's ranks, or read whole in one process
+            check_compatible(model, {k: torch.empty(s, device="meta") for k, s in sharded_shapes(path / "dcp").items()},
+                             str(path))
+            load_sharded(path / "dcp", model, optimizer)
+        else:
+            tensors = load_weights(path / "model.safetensors")
+            check_compatible(model, tensors, str(path))
+            load_whole_weights(model, tensors)
         rng = path / f"rng_{rt.rank if rt else 0}.pt"
         if rng.exists(): _set_rng_state(torch.load(rng, weights_only=True))
         state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
@@ -283,6 +294,7 @@ class Trainer:
         self.model = model                               # possibly compiled and DDP-wrapped
         self.module = unwrap(model)                      # the bare model
         self.params = set_trainable(self.module, stage.trainable)
+        self.loss = lockstep_loss(stage.loss) if is_fsdp(model) else stage.loss  # ranks in step under FSDP
         self.optimizer = make_optimizer(self.params, self.module, stage.lr, self.t, self.rt.device, stage.lr_scale)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_lambda(
             s, min(self.t.warmup_steps, stage.steps), stage.steps, self.t.min_lr_ratio))
@@ -316,7 +328,7 @@ class Trainer:
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1
             with (nullcontext() if sync or not hasattr(self.model, "no_sync") else self.model.no_sync()), autocast(self.rt):
-                part, extra, m = self.stage.loss(self.model, batch)
+                part, extra, m = self.loss(self.model, batch)
                 loss = part / targets.clamp(min=1).to(part.dtype) * self.rt.world + extra / len(micro)
             self.scaler.scale(loss).backward()
             loss_sum = loss_sum + part.detach().float()
@@ -325,8 +337,10 @@ class Trainer:
                 metrics[k], seen[k] = metrics.get(k, 0.0) + v, seen.get(k, 0) + 1
         for k in seen: metrics[k] /= seen[k]  # a metric's mean over the micro-batches that report it
         metrics = to_host(metrics)
+        if is_fsdp(self.module): drop_unused_gradients(self.module)  # no rank used them: None, as under DDP
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.t.clip_grad)
+        if isinstance(norm, DTensor): norm = norm.full_tensor()  # FSDP: the norm over every rank's shards
         step_loss = (self.total(torch.as_tensor(loss_sum)) / targets.clamp(min=1)).item()
         self.check_finite(step_loss, norm.item())
         self.scaler.step(self.optimizer); self.scaler.update()
@@ -346,26 +360,35 @@ class Trainer:
         "Continue from the latest checkpoint of this run, if any."
         path = self.checkpoints.latest()
         if path is None: return False
-        state, meta = self.checkpoints.load(path, self.module, self.rt)
-        groups = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
-        if groups != [len(g["params"]) for g in self.optimizer.param_groups]:  # torch's own error names no setting
-            raise CheckpointError(f"{path}: its optimizer holds parameter groups of sizes {groups}, this stage's "
-                                  f"{[len(g['params']) for g in self.optimizer.param_groups]}: were the stage's trainable "
-                                  "or lr_scale changed? Resume with the settings it was saved with, or start the stage afresh.")
-        self.optimizer.load_state_dict(state["optimizer"]); self.scheduler.load_state_dict(state["scheduler"])
+        sharded = (path / "dcp").exists()  # AdamW's state by parameter name, in shards: any world size, any strategy
+        if is_fsdp(self.module) and not sharded:
+            raise CheckpointError(f"{path} was saved without FSDP (one whole optimizer state): resume it with "
+                                  "dist.strategy=ddp, or start the stage afresh")
+        state, meta = self.checkpoints.load(path, self.module, self.rt, self.optimizer if sharded else None)
+        if not sharded: self.load_optimizer(path, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if "loader" in meta and hasattr(self.stage.loader, "load_state_dict"): self.stage.loader.load_state_dict(meta["loader"])
         self.step = meta["step"]
         log.info("resumed %s from %s (step %d)", self.stage.name, path, self.step)
         return True
 
+    def load_optimizer(self, path: Path, state: dict):
+        "A whole optimizer state, checked against this stage's parameter groups first."
+        groups = [len(g["params"]) for g in state["param_groups"]]
+        if groups != [len(g["params"]) for g in self.optimizer.param_groups]:  # torch's own error names no setting
+            raise CheckpointError(f"{path}: its optimizer holds parameter groups of sizes {groups}, this stage's "
+                                  f"{[len(g['params']) for g in self.optimizer.param_groups]}: were the stage's trainable "
+                                  "or lr_scale changed? Resume with the settings it was saved with, or start the stage afresh.")
+        self.optimizer.load_state_dict(state)
+
     def save(self) -> Path:
-        state = dict(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                     scaler=self.scaler.state_dict())
+        state = dict(scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict())
+        if not is_fsdp(self.module): state["optimizer"] = self.optimizer.state_dict()  # sharded: in the DCP files
         loader = self.stage.loader.state_dict() if hasattr(self.stage.loader, "state_dict") else {}
         meta = dict(step=self.step, stage=self.stage.name, loader=loader, config=self.config_dict,
                     time=time.strftime("%Y-%m-%d %H:%M:%S"))
-        return self.checkpoints.save(self.step, self.module, state, meta, self.rt)
+        return self.checkpoints.save(self.step, self.module, state, meta, self.rt, self.optimizer)
 
     def log_step(self, result: StepResult, seconds: float, data_seconds: float = 0.0):
         extra = dict(result.metrics)
@@ -385,7 +408,7 @@ class Trainer:
     def evaluate(self) -> dict:
         if self.stage.evaluate is None: return {}
         self.model.eval()
-        with torch.no_grad(), autocast(self.rt): metrics = self.stage.evaluate(self.module)
+        with torch.no_grad(), autocast(self.rt), gathered(self.model): metrics = self.stage.evaluate(self.module)
         self.model.train()
         return {f"val_{k}": v for k, v in metrics.items()}
 

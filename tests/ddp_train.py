@@ -1,6 +1,6 @@
 """Helper for test_launch.py: a few steps of the tiny model on fixed real batches, as DDP ranks or one process.
 
-Usage: ddp_train.py ROOT OUT_DIR STEPS [sft | align | align_hard | pretrain]
+Usage: ddp_train.py ROOT OUT_DIR STEPS [sft | align | align_hard | pretrain] [ddp | fsdp] [none | full | selective]
 
 sft and pretrain: rank r of W takes micro-batches r, r + W, ...; one process takes them all with accumulation W,
 so both see the same global batch in every step (pretrain: one modality per micro-batch, the ranks' modalities
@@ -9,7 +9,8 @@ one process takes whole batches, so contrastive negatives must come from both ra
 same with hard negatives that swap the background ("dark" <-> "light"): a caption names it at most once and the
 group has two words, so the swap does not depend on the random draws, and the ranks hold unequal numbers of them.
 Each rank writes OUT_DIR/rank{r}.json (a file, not stdout: two ranks' prints can interleave on one line):
-the step losses and a checksum of the weights.
+the step losses and a checksum of the weights. The strategy (DDP by default, or FSDP2) and the activation
+checkpointing are the config's dist.strategy and train.activation_checkpointing, applied by wrap_model.
 """
 import json
 import os
@@ -21,7 +22,7 @@ import torch
 
 from r1_scratch.config import apply_overrides, get_preset
 from r1_scratch.data import build_loader
-from r1_scratch.distributed import wrap_ddp
+from r1_scratch.distributed import wrap_model
 from r1_scratch.runtime import init_distributed, shutdown
 from r1_scratch.model import R1Model, count_targets
 from r1_scratch.trainer import Stage, Trainer, lm_loss
@@ -32,10 +33,13 @@ from r1_scratch.sft import select_rows
 
 root, out_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 kind = sys.argv[4] if len(sys.argv) > 4 else "sft"
+strategy = sys.argv[5] if len(sys.argv) > 5 else "ddp"
+checkpointing = sys.argv[6] if len(sys.argv) > 6 else "none"
 os.environ["R1_NO_PROGRESS"] = "1"
 cfg = apply_overrides(get_preset("tiny"), ["train.wandb=disabled", "train.ckpt_every=0", "train.warmup_steps=1",
                                            "train.lr=1e-3", f"data.train={root}/data_samples/train/{{task}}-{{000000..000003}}.tar",
-                                           f"data.tokenizer={root}/data_samples/tokenizer.json"])
+                                           f"data.tokenizer={root}/data_samples/tokenizer.json",
+                                           f"dist.strategy={strategy}", f"train.activation_checkpointing={checkpointing}"])
 world = int(os.environ.get("WORLD_SIZE", "1"))
 # every process reads the same batches before the process group exists (no rank split): the global batches
 saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}  # the loader would split by rank
@@ -71,9 +75,10 @@ elif kind == "pretrain":
                   steps=steps, lr=1e-3, grad_accum=2 // rt.world)
 else:
     stage = Stage("sft", batches[rt.rank::rt.world], lm_loss, count_targets, steps=steps, lr=1e-3, grad_accum=2 // rt.world)
-trainer = Trainer(wrap_ddp(model, rt), stage, cfg, out_dir, rt, callbacks=[])
+trainer = Trainer(wrap_model(model, cfg, rt), stage, cfg, out_dir, rt, callbacks=[])
 trainer.fit(resume=False)
-weights = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
+whole = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # an FSDP shard -> the whole weight
+weights = torch.cat([whole(p.detach()).flatten() for p in model.parameters()]).double()
 result = dict(rank=rt.rank, world=rt.world, losses=[h["loss"] for h in trainer.history],
               checksum=weights.sum().item(), norm=weights.norm().item())
 if kind == "align_hard":  # how many hard negatives this rank held in each step
