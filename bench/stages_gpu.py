@@ -1,7 +1,7 @@
 """All three training stages of a preset through the launch on this machine's GPU(s), then every metric of the
 evaluation entry point on the validation split: what `small` reaches on one GPU.
 
-    python bench/stages_gpu.py [--preset small] [--gpus 1] [--scale K] [--espeak-debs .espeak] [--val-draws K [--score-checkpoints]] [--out FILE] [key=value ...]
+    python bench/stages_gpu.py [--preset small] [--gpus 1] [--scale K] [--val-draws K [--score-checkpoints]] [--out FILE] [key=value ...]
 
 Two variants side by side on a 2-GPU machine: grow the data once (--grow-only), then start each run with its own
 CUDA_VISIBLE_DEVICES, --runs and --out (and --detach); a complete growth of the same scale in --data is reused.
@@ -11,11 +11,11 @@ Stage-3 variants on one shared stage 1-2: train `--stages pretrain align` once (
 --scale K first generates K independent draws of the bundled train split with the course's own generator (seeds
 0..K-1, so K times the records, 4K shards per source) into --data, in parallel on every core, and trains on that:
 the bundled 2,760 train records are too few for a 154M-parameter model (it overfits them within minutes). The
-val split stays the bundled one, so scores compare across runs. Sources with speech need espeak-ng: GPU machines
-have none and cannot install it, so --espeak-debs names a folder of its Debian packages (espeak-ng,
-libespeak-ng1, espeak-ng-data, libsonic0; fetch them with `apt-get download`), which are unpacked under /tmp with
-a stub for the sound library (pcaudio_stub.c). Without espeak-ng only the silent sources grow; a complete growth
-with speech (a --grow-only call with --espeak-debs) is reused by later calls without it, not regrown.
+val split stays the bundled one, so scores compare across runs. Sources with speech need espeak-ng's library,
+which the espeakng-loader wheel brings (a requirement of the package; a machine with no network installs the wheel
+file, fetched elsewhere with `pip download espeakng-loader==0.2.4`). Without it only the silent sources grow; a
+complete growth with speech (a --grow-only call where the library loads) is reused by later calls without it, not
+regrown.
 
 Targets (issue 6): retrieval R@1 >= 0.9 both ways, visual QA >= 0.9, audio QA >= 0.8, in a run of about 20 min.
 The JSON holds the exact command, the wall time of each stage, each stage's summary and the evaluation; it is
@@ -55,38 +55,14 @@ SILENT = ("scenes", "digits", "text", "reasoning", "vqa", "problems")  # sources
 HERE = Path(__file__).resolve().parent
 
 
-def unpack_deb(deb: Path, where: Path):
-    "Extract a Debian package's files under `where` (what `dpkg -x` does), in Python: no dpkg needed."
-    import io
-    import tarfile
-    blob = deb.read_bytes()
-    if not blob.startswith(b"!<arch>\n"): raise ValueError(f"{deb} is not a Debian package (no ar header)")
-    at = 8
-    while at < len(blob):  # ar members: 60-byte header (name 16, ..., size at 48..58), data, pad to even
-        name, size = blob[at:at + 16].decode().strip().rstrip("/"), int(blob[at + 48:at + 58])
-        if name.startswith("data.tar"):
-            with tarfile.open(fileobj=io.BytesIO(blob[at + 60:at + 60 + size])) as tar: tar.extractall(where, filter="tar")
-            return
-        at += 60 + size + size % 2
-    raise ValueError(f"{deb} has no data.tar member")
-
-
-def portable_espeak(debs: Path, where: Path = Path("/tmp/espeak")) -> str:
-    "espeak-ng from its packages in `debs`, runnable without installing: unpack, stub libpcaudio, set PATH. Its path."
-    for deb in sorted(debs.glob("*.deb")): unpack_deb(deb, where)
-    libs = where / "usr/lib/x86_64-linux-gnu"
-    stub = where / "stub"; stub.mkdir(parents=True, exist_ok=True)
-    if shutil.which("cc"):
-        subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-Wl,-soname,libpcaudio.so.0", "-o", str(stub / "libpcaudio.so.0"),
-                        str(HERE / "pcaudio_stub.c")], check=True)
-    elif (debs / "libpcaudio.so.0").exists(): shutil.copy(debs / "libpcaudio.so.0", stub)  # built elsewhere, x86-64
-    else: raise RuntimeError(f"no C compiler to build the pcaudio stub, and no prebuilt {debs / 'libpcaudio.so.0'}")
-    os.environ["PATH"] = f"{where / 'usr/bin'}:{os.environ['PATH']}"
-    os.environ["LD_LIBRARY_PATH"] = f"{stub}:{libs}:{os.environ.get('LD_LIBRARY_PATH', '')}"
-    os.environ["ESPEAK_DATA_PATH"] = str(libs)  # the folder that holds espeak-ng-data
-    wav = subprocess.run(["espeak-ng", "--stdout", "a red circle"], capture_output=True, check=True).stdout
-    if not wav.startswith(b"RIFF"): raise RuntimeError("portable espeak-ng wrote no WAV")
-    return shutil.which("espeak-ng")
+def speech_available() -> bool:
+    "Whether espeak-ng's library loads and starts here (the espeakng-loader wheel): the sources with speech need it."
+    from r1_scratch.samples import require_espeak
+    try:
+        require_espeak()
+    except RuntimeError:
+        return False
+    return True
 
 
 def grow_chunk(job: tuple) -> int:
@@ -123,9 +99,9 @@ def grow_data(out: Path, scale: int, sources: list[str] | None = None) -> dict:
 
 
 def default_sources() -> list[str]:
-    "Every source where espeak-ng runs, else the silent ones."
+    "Every source where espeak-ng's library loads, else the silent ones."
     from r1_scratch.samples import SOURCES
-    return list(SOURCES) if shutil.which("espeak-ng") else list(SILENT)
+    return list(SOURCES) if speech_available() else list(SILENT)
 
 
 def grow_questions(out: Path, draws: int) -> str:
@@ -133,7 +109,7 @@ def grow_questions(out: Path, draws: int) -> str:
     launch's own evaluation reads): 60 visual and 40 spoken questions a draw. Their {task} shard pattern."""
     from multiprocessing import get_context
     from r1_scratch.samples import SHARDS, SOURCES
-    sources = ["vqa", "audio_qa"] if shutil.which("espeak-ng") else ["vqa"]
+    sources = ["vqa", "audio_qa"] if speech_available() else ["vqa"]
     marker, pattern = out / "draws.json", f"{out}/val/{{task}}-{{{SHARDS['val']:06d}..{SHARDS['val'] * (draws + 1) - 1:06d}}}.tar"
     if marker.exists() and covers(json.loads(marker.read_text()), "draws", draws, sources): return pattern  # grown before
     staging = out.with_name(f"{out.name}.{os.getpid()}")  # grown aside, then renamed: a run beside this one never reads half
@@ -156,7 +132,7 @@ def grown_before(out: Path, scale: int, sources: list[str] | None = None) -> dic
 
 def covers(done: dict, size_key: str, size: int, sources: list[str]) -> bool:
     """Whether an earlier growth (its marker `done`) is of this size and holds at least these sources. More is fine:
-    data grown where espeak-ng ran (speech too) serves a later call without it, which must not regrow it silent-only."""
+    data grown where espeak-ng's library loaded (speech too) serves a later call without it, which must not regrow it silent-only."""
     return done.get(size_key) == size and set(done.get("sources", [])) >= set(sources)
 
 
@@ -208,7 +184,6 @@ def main():
     p.add_argument("--scale", type=int, default=1, help="train on K x the bundled train records (generated first)")
     p.add_argument("--data", default="/tmp/r1_data_big", help="where --scale writes the data")
     p.add_argument("--eval-batches", type=int, default=20)
-    p.add_argument("--espeak-debs", help="folder of espeak-ng's .deb files, used where espeak-ng is not installed")
     p.add_argument("--grow-only", action="store_true", help="generate the --scale data, then stop (runs after it reuse it)")
     p.add_argument("--train-answers", action="store_true", help="also score the questions of the train split (can it fit them?)")
     p.add_argument("--val-draws", type=int, default=0, metavar="K",
@@ -237,8 +212,6 @@ def main():
         print(child.pid)  # for a watcher: the run has ended when this process is gone or a zombie (`ps -o stat`)
         return
     name = f"stages-{args.preset}"
-    if args.espeak_debs and not shutil.which("espeak-ng"):
-        print("espeak-ng unpacked and runnable:", portable_espeak(Path(args.espeak_debs)), flush=True)
     data = []
     grown, grow_seconds = {}, None  # None: nothing grown by this call
     if args.scale > 1:

@@ -3,13 +3,16 @@
 # %% ../nbs/02_samples.ipynb #a95da0f3
 from __future__ import annotations
 
+import _ctypes
+import ctypes
 import io
 import json
 import multiprocessing
-import shutil
-import subprocess
+import sys
 import tarfile
+import threading
 import zlib
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -25,18 +28,20 @@ from .data import TASKS, train_tokenizer
 
 # %% auto #0
 __all__ = ['VERSION', 'SHARDS', 'SOURCES', 'COLOURS', 'SHAPES', 'SIZES', 'POSITIONS', 'BACKGROUNDS', 'IMAGE_SIZE', 'GRID',
-           'RADIUS', 'NUMBER_WORDS', 'PLACES', 'DIGIT_CAPTIONS', 'VOICES', 'ESPEAK_RATE', 'SHAPE_FACTS', 'COLOUR_FACTS',
+           'RADIUS', 'NUMBER_WORDS', 'PLACES', 'DIGIT_CAPTIONS', 'VOICES', 'ESPEAK_RATE', 'AUDIO_OUTPUT_SYNCHRONOUS',
+           'POS_CHARACTER', 'espeakRATE', 'espeakPITCH', 'espeakCHARS_AUTO', 'espeakENDPAUSE',
+           'espeakINITIALIZE_DONT_EXIT', 'SynthCallback', 'SIGNATURES', 'SYNTH_LOCK', 'SHAPE_FACTS', 'COLOUR_FACTS',
            'NAMES', 'ITEMS', 'CORNERS', 'ROWS', 'MOVES', 'REASONING_KINDS', 'SCENE_QUESTION_KINDS',
            'AUDIO_QUESTION_KINDS', 'BUILDERS', 'STAGES', 'MEMBERS', 'DATA_CARD', 'source_rng', 'random_scene',
            'shape_points', 'render_scene', 'png_bytes', 'describe_object', 'join_phrases', 'sentence', 'caption_scene',
-           'load_digit_images', 'digit_pool', 'digit_record', 'require_espeak', 'synthesize', 'trim_silence',
-           'flac_bytes', 'speech_clip', 'scene_record', 'digits_record', 'speech_record', 'pick', 'plural',
-           'scene_story', 'arithmetic_story', 'facts', 'text_record', 'scene_where', 'count_of', 'instruct_record',
-           'count_reasoning', 'story_reasoning', 'corners_reasoning', 'grid_reasoning', 'reasoning_record',
-           'unique_shape', 'extreme', 'scene_question', 'scene_question_of_kind', 'vqa_record', 'audio_qa_record',
-           'image_problem', 'arithmetic_problem', 'problems_record', 'encode_member', 'add_member', 'write_shard',
-           'build_source', 'write_source', 'record_texts', 'audio_stats', 'generate', 'record_count', 'build_and_write',
-           'write_folder', 'source_table', 'data_card', 'main']
+           'load_digit_images', 'digit_pool', 'digit_record', 'load_espeak', 'espeak_session', 'require_espeak',
+           'speak', 'synthesize', 'trim_silence', 'flac_bytes', 'speech_clip', 'scene_record', 'digits_record',
+           'speech_record', 'pick', 'plural', 'scene_story', 'arithmetic_story', 'facts', 'text_record', 'scene_where',
+           'count_of', 'instruct_record', 'count_reasoning', 'story_reasoning', 'corners_reasoning', 'grid_reasoning',
+           'reasoning_record', 'unique_shape', 'extreme', 'scene_question', 'scene_question_of_kind', 'vqa_record',
+           'audio_qa_record', 'image_problem', 'arithmetic_problem', 'problems_record', 'encode_member', 'add_member',
+           'write_shard', 'build_source', 'write_source', 'record_texts', 'audio_stats', 'generate', 'record_count',
+           'build_and_write', 'write_folder', 'source_table', 'data_card', 'main']
 
 # %% ../nbs/02_samples.ipynb #223077b6
 VERSION = "1"                           # bump when the same seed gives different files
@@ -166,27 +171,92 @@ def digit_record(rng: np.random.Generator, index: int) -> dict:
             "json": dict(task="caption", source="sklearn-digits", label=label, index=int(index))}
 
 # %% ../nbs/02_samples.ipynb #74a1871f
-VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-029", "en-gb-x-rp",
-          "en-us+f3", "en-gb+f2", "en-us+m3", "en-gb-x-rp+f4", "en-029+m2")
-ESPEAK_RATE = 22050  # what espeak-ng writes
+VOICES = ("en-us", "en", "en-gb-scotland", "en-029", "en-gb-x-rp",  # "en": British English (its file is gmw/en)
+          "en-us+f3", "en+f2", "en-us+m3", "en-gb-x-rp+f4", "en-029+m2")
+ESPEAK_RATE = 22050  # what espeak-ng synthesises at
 
-def require_espeak() -> str:
-    "Path of espeak-ng, or a RuntimeError saying how to install it."
-    path = shutil.which("espeak-ng")
-    if path is None:
-        raise RuntimeError("espeak-ng is not on PATH, and the speech records need it (we never write silent audio "
-                           "instead): install it with `apt-get install espeak-ng` (or `brew install espeak-ng`)")
-    return path
+AUDIO_OUTPUT_SYNCHRONOUS, POS_CHARACTER, espeakRATE, espeakPITCH = 2, 1, 1, 3  # from speak_lib.h
+espeakCHARS_AUTO, espeakENDPAUSE, espeakINITIALIZE_DONT_EXIT = 0, 0x1000, 0x8000
+SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+SIGNATURES = {  # function -> (argument types, result type)
+    "espeak_Initialize": ([ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int], ctypes.c_int),
+    "espeak_ng_SetRandSeed": ([ctypes.c_long], ctypes.c_int),
+    "espeak_SetSynthCallback": ([SynthCallback], None),
+    "espeak_SetVoiceByName": ([ctypes.c_char_p], ctypes.c_int),
+    "espeak_SetParameter": ([ctypes.c_int, ctypes.c_int, ctypes.c_int], ctypes.c_int),
+    "espeak_Synth": ([ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
+                      ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int),
+    "espeak_Synchronize": ([], ctypes.c_int),
+    "espeak_Terminate": ([], ctypes.c_int)}
+
+# %% ../nbs/02_samples.ipynb #8d191913
+def load_espeak() -> ctypes.CDLL:
+    "espeak-ng's library from the espeakng-loader wheel, functions typed; or a RuntimeError saying how to install it."
+    try:
+        import espeakng_loader
+        lib = ctypes.CDLL(espeakng_loader.get_library_path())
+    except (ImportError, OSError) as e:
+        raise RuntimeError(f"the speech records need espeak-ng's library, which did not load ({e}): install it with "
+                           "`pip install espeakng-loader` (we never write silent audio instead)") from e
+    for name, (arguments, result) in SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = arguments, result
+    return lib
+
+# %% ../nbs/02_samples.ipynb #9902ecae
+@contextmanager
+def espeak_session():
+    "espeak-ng loaded afresh, started and seeded; unloaded on exit, so nothing of one clip reaches the next."
+    lib = load_espeak()
+    try:
+        import espeakng_loader  # load_espeak imported it
+        data = espeakng_loader.get_data_path()
+        rate = lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, data.encode(), espeakINITIALIZE_DONT_EXIT)
+        if rate != ESPEAK_RATE:
+            raise RuntimeError(f"espeak-ng did not start on {data} (sample rate {rate}): `pip install espeakng-loader`")
+        lib.espeak_ng_SetRandSeed(0)  # it seeds its breath noise from the clock
+        try:
+            yield lib
+        finally:
+            lib.espeak_Terminate()  # frees what it allocated
+    finally:  # unloading is what resets its state: the next load maps a fresh copy
+        (_ctypes.FreeLibrary if sys.platform == "win32" else _ctypes.dlclose)(lib._handle)
+
+# %% ../nbs/02_samples.ipynb #375f5d71
+def require_espeak():
+    "Load and start espeak-ng once, or raise the RuntimeError that says how to install it."
+    with espeak_session():
+        pass  # loading and starting it is the check
+
+# %% ../nbs/02_samples.ipynb #0665d8f5
+def speak(lib: ctypes.CDLL, text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
+    "int16 samples of `text` spoken by the started `lib`, in the voice, speed and pitch of the program's -v, -s, -p."
+    chunks = []
+    def collect(wav, n, events):  # the library hands over the samples in pieces
+        if n > 0:
+            chunks.append(ctypes.string_at(wav, 2 * n))
+        return 0  # 0: go on
+    callback = SynthCallback(collect)  # a name for it: the library keeps only a C pointer
+    lib.espeak_SetSynthCallback(callback)
+    if lib.espeak_SetVoiceByName(voice.encode()):
+        raise RuntimeError(f"espeak-ng has no voice {voice!r}")
+    lib.espeak_SetParameter(espeakRATE, speed, 0)
+    lib.espeak_SetParameter(espeakPITCH, pitch, 0)
+    data = text.encode()
+    flags = espeakCHARS_AUTO | espeakENDPAUSE  # the program's, less [[phoneme]] input, which we never write
+    if lib.espeak_Synth(data, len(data) + 1, 0, POS_CHARACTER, 0, flags, None, None):
+        raise RuntimeError(f"espeak-ng failed on {text!r}")
+    lib.espeak_Synchronize()
+    return np.frombuffer(b"".join(chunks), np.int16)
 
 # %% ../nbs/02_samples.ipynb #01373e97
+SYNTH_LOCK = threading.Lock()  # one library per process: threads take turns
+
 def synthesize(text: str, voice: str = "en-us", speed: int = 160, pitch: int = 50) -> np.ndarray:
     "Speak `text` with espeak-ng -> float32 mono wave at 22,050 Hz."
-    command = [require_espeak(), "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text]
-    result = subprocess.run(command, capture_output=True)
-    if result.returncode: raise RuntimeError(f"espeak-ng failed on {text!r}: {result.stderr.decode().strip()}")
-    wave, rate = sf.read(io.BytesIO(result.stdout), dtype="float32")
-    if rate != ESPEAK_RATE: raise RuntimeError(f"espeak-ng wrote {rate} Hz, expected {ESPEAK_RATE}")
-    return wave
+    with SYNTH_LOCK, espeak_session() as lib:
+        samples = speak(lib, text, voice, speed, pitch)
+    return samples.astype(np.float32) / 32768
 
 # %% ../nbs/02_samples.ipynb #e537d73a
 def trim_silence(wave: np.ndarray, threshold: float = 0.02, pad: int = 1100) -> np.ndarray:
@@ -642,7 +712,8 @@ def source_table(manifest: dict) -> str:
 DATA_CARD = """# data_samples: a tiny tri-modal dataset for r1-scratch
 
 Generated by `python -m r1_scratch.samples --out data_samples --seed {seed}` (generator version {version}; the
-source is `nbs/02_samples.ipynb`). The same seed gives byte-identical files. Needs `espeak-ng` on PATH.
+source is `nbs/02_samples.ipynb`). The same seed gives byte-identical files with the same espeak-ng: the package
+pins `espeakng-loader==0.2.4`, whose wheel brings espeak-ng 1.52's library and voice data.
 
 ## Contents
 

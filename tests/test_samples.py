@@ -1,15 +1,18 @@
 """The sample data as a user meets it: the committed folder, its layout and budget, determinism, the CLI,
-and a clear error when espeak-ng is missing."""
+speech from pip alone (no espeak-ng program anywhere), and a clear error when espeak-ng's library is missing."""
 import hashlib
 import io
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image
@@ -173,12 +176,49 @@ def test_same_seed_gives_identical_bytes(tmp_path):
     assert a["train/scenes-000000.tar"] != c["train/scenes-000000.tar"]
 
 
-def test_missing_espeak_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path / "no-such-dir"))
-    with pytest.raises(RuntimeError, match=r"espeak-ng.*apt-get install espeak-ng"):
+SPEAK = """
+import hashlib, json
+import numpy as np
+from r1_scratch.samples import ESPEAK_RATE, speech_clip, synthesize
+waves = [synthesize("a large red circle at the top left", "en-us+f3", 160, 50) for _ in range(2)]
+flac, meta = speech_clip("a small blue square in the centre", np.random.default_rng(0))
+print(json.dumps(dict(seconds=len(waves[0]) / ESPEAK_RATE, peak=float(np.abs(waves[0]).max()),
+                      rms=float(np.sqrt(np.mean(waves[0] ** 2))), same=waves[0].tobytes() == waves[1].tobytes(),
+                      wave=hashlib.sha256(waves[0].tobytes()).hexdigest(), flac=hashlib.sha256(flac).hexdigest())))
+"""
+
+
+def test_speech_comes_from_pip_alone(tmp_path):
+    venv_bin = str(Path(sys.executable).parent)
+    assert shutil.which("espeak-ng", path=venv_bin) is None  # no program to fall back on
+    env = {**os.environ, "PATH": venv_bin, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", SPEAK], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr
+    spoken = json.loads(run.stdout)
+    assert 1.5 < spoken["seconds"] < 4 and spoken["peak"] > 0.3 and spoken["rms"] > 0.03, spoken  # speech, not silence
+    assert spoken["same"]  # a second clip in the same process: the same bytes
+    # this process has spoken other clips before: still the same bytes as that fresh one
+    wave = samples.synthesize("a large red circle at the top left", "en-us+f3", 160, 50)
+    assert hashlib.sha256(wave.tobytes()).hexdigest() == spoken["wave"]
+    flac, meta = samples.speech_clip("a small blue square in the centre", np.random.default_rng(0))
+    assert hashlib.sha256(flac).hexdigest() == spoken["flac"] and meta["seconds"] > 1
+
+
+def test_missing_speech_library_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "espeakng_loader", None)  # as if the wheel were not installed: its import fails
+    with pytest.raises(RuntimeError, match=r"espeak-ng's library.*`pip install espeakng-loader`"):
         samples.generate(tmp_path / "out", limit=1)
     assert not (tmp_path / "out").exists()  # nothing half-written
-    with pytest.raises(RuntimeError, match="espeak-ng"):
+    with pytest.raises(RuntimeError, match="pip install espeakng-loader"):
+        samples.synthesize("hello")
+
+
+def test_unloadable_speech_library_is_a_clear_error(tmp_path, monkeypatch):
+    import espeakng_loader
+    broken = tmp_path / "libespeak-ng.so"
+    broken.write_bytes(b"not a shared library")
+    monkeypatch.setattr(espeakng_loader, "get_library_path", lambda: str(broken))
+    with pytest.raises(RuntimeError, match="pip install espeakng-loader"):
         samples.synthesize("hello")
 
 
