@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .runtime import Runtime, init_distributed, recomputation, shutdown, world_size
+from .runtime import Runtime, ensure_process_group, init_distributed, recomputation, shutdown, world_size
 
 log = logging.getLogger("r1_scratch.distributed")
 
@@ -69,6 +69,7 @@ def shard_model(model: nn.Module, rt: Runtime, cpu_offload: bool = False) -> nn.
     "FSDP2 in place: each decoder block a unit, the rest (encoders, embeddings, heads) the root unit."
     if cpu_offload and rt.device.type != "cuda":
         raise ValueError("dist.cpu_offload=true moves FSDP's shards from the GPU to the host: it needs GPUs")
+    ensure_process_group(rt)
     mesh = init_device_mesh(rt.device.type, (rt.world,))
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     options = dict(mesh=mesh, mp_policy=mixed_precision(rt.precision), offload_policy=offload)
@@ -260,5 +261,5 @@ def wrap_model(model: nn.Module, cfg, rt: Runtime) -> nn.Module:
     strategy = resolve_strategy(cfg, rt)
     if strategy == "ddp": return wrap_ddp(model, rt)
     if rt.world == 1 and rt.device.type == "cpu":
-        warnings.warn("dist.strategy=fsdp in one CPU process shards nothing: use ddp (the default) unless testing FSDP")
+        warnings.warn("dist.strategy=fsdp in one CPU process shards nothing: dist.strategy=ddp or auto does the same with less")
     return shard_model(model, rt, cfg.dist.cpu_offload)

@@ -25,7 +25,7 @@ from .config import (PRESETS, Config, ConfigError, apply_overrides, config_from_
 from .distributed import wrap_model
 from .runtime import Runtime, autocast, init_distributed, setup_logging, shutdown
 from .model import R1Model, count_parameters
-from .trainer import Checkpoints, CheckpointError, Trainer, lm_evaluate
+from .trainer import Checkpoints, CheckpointError, Trainer, lm_evaluate, save_weights
 from .data import TextTokenizer, expand_shards
 from .pretrain import pretrain_evaluate, pretrain_options, pretrain_stage
 from .align import align_evaluate, align_stage, config_swaps
@@ -35,7 +35,7 @@ log = logging.getLogger("r1_scratch.launch")
 
 # %% auto #0
 __all__ = ['log', 'STAGES', 'select_stages', 'resolve_config', 'run_stages', 'validation_line', 'write_report', 'find_checkpoint',
-           'val_sources', 'evaluate_model', 'evaluate_checkpoint', 'parse_args', 'main']
+           'val_sources', 'evaluate_model', 'evaluate_checkpoint', 'consolidate_checkpoint', 'parse_args', 'main']
 
 # %% ../nbs/21_launch.ipynb #222adaf6
 STAGES = {"pretrain": pretrain_stage, "align": align_stage, "sft": sft_stage}
@@ -183,6 +183,19 @@ def evaluate_checkpoint(path: str | os.PathLike, shards: str | None = None, batc
     with torch.no_grad(), autocast(rt): metrics = evaluate_model(model, cfg, val_sources(cfg), batches, answers)
     return dict(checkpoint=str(ckpt), stage=meta.get("stage"), step=meta.get("step"), shards=cfg.data.val, **metrics)
 
+# %% ../nbs/21_launch.ipynb #7a79e004
+def consolidate_checkpoint(path: str | os.PathLike) -> Path:
+    "Write a sharded (DCP) checkpoint's weights as one model.safetensors beside them; return its path."
+    ckpt = find_checkpoint(path)
+    if not (ckpt / "dcp").exists(): raise CheckpointError(f"{ckpt} is not sharded: its model.safetensors is the whole model")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    model = R1Model(config_from_dict(meta["config"]).model)
+    Checkpoints(ckpt.parent).load(ckpt, model)
+    partial = ckpt / ".model.safetensors.tmp"
+    save_weights(model, partial)
+    os.replace(partial, ckpt / "model.safetensors")  # a crash leaves no half-written file under the real name
+    return ckpt / "model.safetensors"
+
 # %% ../nbs/21_launch.ipynb #e77d2421
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="launch.py", description="Train r1-scratch stages, or evaluate a checkpoint.",
@@ -194,6 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", help="run name: runs/<name>/ (default: train.run_name, else the preset)")
     p.add_argument("--fresh", action="store_true", help="delete runs/<name>/ first instead of resuming it")
     p.add_argument("--eval", metavar="CHECKPOINT", help="evaluate this checkpoint (or stage/run directory) and print JSON")
+    p.add_argument("--consolidate", metavar="CHECKPOINT",
+                   help="write a sharded (FSDP) checkpoint's weights as one model.safetensors beside them")
     p.add_argument("--shards", help="with --eval: shard pattern to evaluate on (may contain {task}); default the val split")
     p.add_argument("--batches", type=int, default=50, help="with --eval: batches per task at most")
     p.add_argument("--answers", type=int, default=64,
@@ -214,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.eval:
             result = evaluate_checkpoint(args.eval, args.shards, args.batches, answers=args.answers)
             print(json.dumps(result, indent=1))
+            return 0
+        if args.consolidate:
+            print(consolidate_checkpoint(args.consolidate))
             return 0
         cfg = resolve_config(args.config, args.preset, args.overrides)
         stages = select_stages(cfg, args.stages)

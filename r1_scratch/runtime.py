@@ -16,8 +16,8 @@ import torch.nn as nn
 
 # %% auto #0
 __all__ = ['is_distributed', 'Runtime', 'resolve_precision', 'default_device', 'local_runtime', 'autocast', 'process_device',
-           'init_distributed', 'shutdown', 'world_size', 'rank', 'barrier', 'model_device', 'pin_memory', 'print0',
-           'setup_logging', 'recomputation', 'recomputing']
+           'init_distributed', 'shutdown', 'ensure_process_group', 'world_size', 'rank', 'barrier', 'model_device',
+           'pin_memory', 'print0', 'setup_logging', 'recomputation', 'recomputing']
 
 # %% ../nbs/00_runtime.ipynb #fe3e4e35
 def is_distributed() -> bool:
@@ -92,6 +92,14 @@ def shutdown(rt: Runtime):
     if rt.distributed:
         dist.barrier()
         dist.destroy_process_group()
+
+# %% ../nbs/00_runtime.ipynb #a5023623
+def ensure_process_group(rt: Runtime):
+    "A process group of one where there is none yet (FSDP needs one, even alone)."
+    if is_distributed(): return
+    backend = "nccl" if rt.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=rt.device if rt.device.type == "cuda" else None)
 
 # %% ../nbs/00_runtime.ipynb #91904ff4
 def world_size() -> int:
