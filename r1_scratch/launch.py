@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         report = write_report(cfg, summaries, run_dir, rt, time.perf_counter() - t0)
         print(report)
         print(json.dumps({s["stage"]: {k: s.get(k) for k in ("steps", "last_loss", "val_loss", "val_accuracy",
-                                   "steady_tokens_per_s", "steady_targets_per_s", "data_wait_share", "model_tflops_per_s")} for s in summaries}))
+                                   "steady_tokens_per_s", "steady_targets_per_s", "data_wait_share", "model_tflops_per_s",
+                                   "peak_gpu_gb")} for s in summaries}))
     shutdown(rt)
     return 0
 

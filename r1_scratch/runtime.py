@@ -17,7 +17,7 @@ import torch.nn as nn
 # %% auto #0
 __all__ = ['is_distributed', 'Runtime', 'resolve_precision', 'default_device', 'local_runtime', 'autocast', 'process_device',
            'init_distributed', 'shutdown', 'ensure_process_group', 'world_size', 'rank', 'barrier', 'model_device',
-           'pin_memory', 'print0', 'setup_logging', 'recomputation', 'recomputing']
+           'pin_memory', 'peak_memory', 'print0', 'setup_logging', 'recomputation', 'recomputing']
 
 # %% ../nbs/00_runtime.ipynb #fe3e4e35
 def is_distributed() -> bool:
@@ -123,6 +123,11 @@ def model_device(model: nn.Module) -> torch.device:
 def pin_memory() -> bool:
     "Whether loader batches should be page-locked: on a GPU machine, so copies to the device run asynchronously."
     return torch.cuda.is_available()
+
+def peak_memory(device: torch.device) -> dict:
+    "The most GPU memory PyTorch has handed out since the process started, in GB ({} on a CPU)."
+    if device.type != "cuda": return {}
+    return dict(peak_gpu_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 2))
 
 # %% ../nbs/00_runtime.ipynb #10ad3ccc
 def print0(*args, **kwargs):

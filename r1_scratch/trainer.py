@@ -28,7 +28,7 @@ from .model import count_targets, count_tokens, lm_loss_sum, model_flops
 from .moe import moe_end_step
 from .distributed import (drop_unused_gradients, gathered, is_fsdp, load_sharded, load_whole_weights, lockstep_loss, save_sharded,
                                     sharded_shapes)
-from .runtime import Runtime, autocast, barrier, local_runtime, model_device
+from .runtime import Runtime, autocast, barrier, local_runtime, model_device, peak_memory
 
 log = logging.getLogger("r1_scratch.trainer")
 
@@ -442,7 +442,7 @@ class Trainer:
                        last_loss=self.history[-1]["loss"] if self.history else None, seconds=round(seconds, 1),
                        targets_per_s=round(targets / max(seconds, 1e-9), 1), grad_norm_warnings=self.grad_warnings,
                        **steady_throughput(self.history[1:] if len(self.history) > 1 else self.history),
-                       checkpoint=str(checkpoint), **final)
+                       checkpoint=str(checkpoint), **peak_memory(self.rt.device), **final)
         if hasattr(self.stage.loader, "skipped"): summary["skipped_records"] = dict(self.stage.loader.skipped)
         if final:
             for cb in self.callbacks: cb.on_log(self, {"step": self.step, **final})
