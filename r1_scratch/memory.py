@@ -419,4 +419,4 @@ def plan_for(cfg: Config, gpus: int = 8, gpu_bytes: float = 80 * 2**30, max_node
     host = f" and {p.host * gpus / 2**40:.1f} TiB of host memory a node" if p.host else ""
     raise PlanError(f"{cfg.preset} does not fit on {max_nodes} node(s) of {gpus} x {gpu_bytes / 2**30:.0f} GiB: the "
                     f"closest plan ({p.settings['strategy']}, {p.settings['checkpointing']} checkpointing, one sample) "
-                    f"needs {p.total / 2**30:.0f} GiB per GPU{host}: allow more nodes (max_nodes), offload, larger GPUs")
+                    f"needs {p.total / 2**30:.0f} GiB per GPU{host}: allow more nodes, offload or larger GPUs")

@@ -39,7 +39,8 @@ def test_offload_moves_weights_gradients_and_moments_to_the_host(r1_22b):
 
 
 def test_checkpointing_keeps_less_activation_memory(r1_22b):
-    kept = {mode: plan_memory(r1_22b, "fsdp", 8, activation_checkpointing=mode) for mode in ("none", "selective", "full")}
+    kept = {mode: plan_memory(r1_22b, "fsdp", 8, activation_checkpointing=mode)
+            for mode in ("none", "selective", "full")}
     assert kept["full"].total < kept["selective"].total < kept["none"].total
     none, full = (plan_memory(r1_22b, "fsdp", 8, 4399, mode) for mode in ("none", "full"))
     assert full.parts["activations"] < none.parts["activations"] / 10
