@@ -269,7 +269,7 @@ def model_sizes(m: ModelConfig) -> dict:
         model = build_on_meta(m)
         count = lambda module: sum(p.numel() for p in module.parameters())
         enc = model.encoders
-        units = [*model.blocks, *enc.text.blocks, *enc.vision.blocks, *enc.audio.blocks, model.inputs]  # FSDP2's
+        units = [*model.blocks]  # shard_model's FSDP units; encoders and embeddings are the root (12_distributed)
         kinds = dict(decoder=model.blocks[-1], dense=model.blocks[0], vision=enc.vision.blocks[0],
                      audio=enc.audio.blocks[0])
         step = autocast_params(model) - autocast_params(enc.text) - autocast_params(model.heads)  # text encoder idles
