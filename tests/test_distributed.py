@@ -19,12 +19,7 @@ from r1_scratch.model import R1Model
 from r1_scratch.runtime import local_runtime
 from r1_scratch.trainer import Checkpoints, load_weights, lm_loss
 
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "R1_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-SHORT = ["train.wandb=disabled", "train.log_every=1", "stages.sft.grad_accum=1",
-         "stages.sft.options={expert_dropout: 0.3, eval_batches: 2, answer_samples: 4}",
-         "stages.pretrain.steps=2", "stages.pretrain.grad_accum=2", "stages.align.steps=2",
-         "stages.pretrain.options.eval_batches=1"]
+from test_launch import ENV, REPO, SHORT  # the launch tests' environment and short stages
 
 
 def torchrun(nproc: int, script: str, *args, cwd=REPO) -> subprocess.CompletedProcess:
