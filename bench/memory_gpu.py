@@ -63,6 +63,7 @@ def run_one(name, preset, overrides, samples, mode, strategy, offload, device, s
     torch.manual_seed(0)
     with torch.device(device):
         model = R1Model(cfg.model)
+    model.to(device)  # the audio filterbank is built on the CPU on purpose (06_audio_encoder): move it too
     (apply_activation_checkpointing or checkpoint_blocks)(model, mode)
     if fsdp:
         apply_fsdp(model, Runtime(torch.device(device), rank=0, world=1, local_rank=0, precision=precision), offload)

@@ -72,6 +72,7 @@ def main():
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with torch.device(rt.device): model = R1Model(cfg.model)
+    model.to(rt.device)  # the audio filterbank is built on the CPU on purpose (06_audio_encoder): move it too
     counts = count_parameters(model)
     model = wrap_model(model, cfg, rt)
     stage = sft_stage(cfg, "sft", steps=10**6, evaluate=None)

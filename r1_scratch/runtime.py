@@ -98,8 +98,8 @@ def ensure_process_group(rt: Runtime):
     "A process group of one where there is none yet (FSDP needs one, even alone)."
     if is_distributed(): return
     backend = "nccl" if rt.device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                            device_id=rt.device if rt.device.type == "cuda" else None)
+    device = torch.device("cuda", torch.cuda.current_device()) if rt.device.type == "cuda" else None  # with an index
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device)
 
 # %% ../nbs/00_runtime.ipynb #91904ff4
 def world_size() -> int:
