@@ -10,7 +10,6 @@ in bf16, and record torch.cuda.max_memory_allocated / max_memory_reserved next t
 import argparse
 import gc
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,24 +19,11 @@ import torch
 import torch.distributed as dist
 
 from r1_scratch.config import apply_overrides, get_preset
-from r1_scratch.memory import checkpoint_blocks, measure_peak, plan_memory, sample_shape, synthetic_batch, train_steps
+from r1_scratch.memory import measure_peak, plan_memory, sample_shape, synthetic_batch, train_steps
 from r1_scratch.model import R1Model
 
-try:  # the training path's helpers (12_distributed); absent in older checkouts
-    from r1_scratch.distributed import apply_activation_checkpointing
-except ImportError:
-    apply_activation_checkpointing = None
-try:
-    from r1_scratch.distributed import apply_fsdp
-except ImportError:
-    try:
-        from r1_scratch.distributed import shard_model as apply_fsdp
-    except ImportError:
-        apply_fsdp = None
-try:
-    from r1_scratch.runtime import Runtime
-except ImportError:
-    from r1_scratch.trainer import Runtime
+from r1_scratch.distributed import apply_activation_checkpointing, shard_model
+from r1_scratch.runtime import Runtime
 
 SLICE = ["model.vision_layers=2", "model.audio_layers=2", "model.text_layers=1"]  # full width, small encoders
 GPU_CONFIGS = [  # name, preset, overrides, samples, checkpointing, strategy, cpu_offload
@@ -55,18 +41,17 @@ def run_one(name, preset, overrides, samples, mode, strategy, offload, device, s
     "Build, wrap and train one configuration; return its plan and measured peak as a dict."
     cfg = apply_overrides(get_preset(preset), overrides)
     precision = "bf16" if device == "cuda" else "fp32"  # the MoE's bf16 path does not run on a CPU
-    fsdp = strategy == "fsdp" and apply_fsdp is not None and device == "cuda"
-    missing = " (no FSDP helper in r1_scratch.distributed)" if strategy == "fsdp" and not fsdp else ""
-    ran_as = "FSDP2, world size 1" if fsdp else "one process, no wrapper" + missing
+    fsdp = strategy == "fsdp" and device == "cuda"
+    ran_as = "FSDP2, world size 1" if fsdp else "one process, no wrapper"
     plan = plan_memory(cfg, "fsdp" if fsdp else "ddp", 1, samples * sample_shape(cfg).decoder, mode, offload and fsdp,
                        precision)
     torch.manual_seed(0)
     with torch.device(device):
         model = R1Model(cfg.model)
     model.to(device)  # the audio filterbank is built on the CPU on purpose (06_audio_encoder): move it too
-    (apply_activation_checkpointing or checkpoint_blocks)(model, mode)
+    apply_activation_checkpointing(model, mode)
     if fsdp:
-        apply_fsdp(model, Runtime(torch.device(device), rank=0, world=1, local_rank=0, precision=precision), offload)
+        shard_model(model, Runtime(torch.device(device), rank=0, world=1, local_rank=0, precision=precision), offload)
     batch = synthetic_batch(cfg, samples, device)
     out = dict(name=name, preset=preset, overrides=overrides, samples=samples,
                tokens=samples * sample_shape(cfg).decoder, checkpointing=mode, strategy=strategy, cpu_offload=offload,
@@ -106,18 +91,11 @@ def main():
     strategy = "fsdp" if args.device == "cuda" else "ddp"
     configs = GPU_CONFIGS if args.preset is None else [(f"{args.preset}, {mode}", args.preset, [], args.samples, mode,
                                                         strategy, False) for mode in ("none", "selective", "full")]
-    if args.device == "cuda" and apply_fsdp is not None and not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29531")
-        dist.init_process_group("nccl", rank=0, world_size=1)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "r1_scratch"], capture_output=True, text=True).stdout
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     commit += " (r1_scratch modified)" if dirty.strip() else ""
     result = dict(command=" ".join(["python", *sys.argv]), commit=commit, device=device, torch=torch.__version__,
-                  helpers=dict(fsdp=getattr(apply_fsdp, "__name__", None),
-                               checkpointing="distributed.apply_activation_checkpointing"
-                               if apply_activation_checkpointing else "memory.checkpoint_blocks (fallback)"),
                   note="predicted.allocated is the plan less its slack, compared with max_memory_allocated; "
                        "reserved_over_allocated is the allocator's measured slack (the plan assumes 1.1).",
                   configs=[])

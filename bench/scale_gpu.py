@@ -13,9 +13,9 @@ weights and AdamW state would not fit the machine's disk. MFU counts r1_scratch.
 989 TFLOP/s dense bf16 peak.
 """
 import argparse
-import itertools
 import json
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -76,7 +76,7 @@ def main():
     counts = count_parameters(model)
     model = wrap_model(model, cfg, rt)
     stage = sft_stage(cfg, "sft", steps=10**6, evaluate=None)
-    trainer = Trainer(model, stage, cfg, Path("/tmp/bench_scale"), rt, callbacks=[])
+    trainer = Trainer(model, stage, cfg, Path(tempfile.mkdtemp()), rt, callbacks=[])
     built = time.perf_counter() - t0
     batches, rows = iter(stage.loader), []
     for step in range(args.steps):

@@ -14,8 +14,8 @@ plain decoder) against the H200's 989 TFLOP/s dense bf16 peak.
 import argparse
 import itertools
 import json
-import math
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -54,7 +54,7 @@ def our_arm(cfg, held: list[dict], arm: str, steps: int) -> dict:
     if "ckpt" in arm: apply_activation_checkpointing(model, "full")
     if arm.startswith("fsdp"): shard_model(model, rt)
     stage = lm_stage(cfg, "sft", steps=10**6, evaluate=None)
-    trainer = Trainer(model, stage, cfg, Path("/tmp/bench_step_vs_dense"), rt, callbacks=[])
+    trainer = Trainer(model, stage, cfg, Path(tempfile.mkdtemp()), rt, callbacks=[])
     batches = itertools.cycle(held)
     last = {}
     def step(): last.update(trainer.train_step(trainer.micro_batches(batches)).metrics)

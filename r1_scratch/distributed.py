@@ -18,11 +18,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .runtime import Runtime, ensure_process_group, init_distributed, recomputation, shutdown, world_size
+from .runtime import Runtime, ensure_process_group, model_device, recomputation, world_size
 
 log = logging.getLogger("r1_scratch.distributed")
 
@@ -154,7 +153,7 @@ def drop_unused_gradients(model: nn.Module):
     "Gradients of weights no rank used this step become None, so AdamW skips them as it does under DDP."
     used = model.__dict__.pop("weights_used", set())
     names = ["decoder", *root_weights(model)]  # the same order on every rank
-    flags = torch.tensor([float(n in used) for n in names], device=next(model.parameters()).device)
+    flags = torch.tensor([float(n in used) for n in names], device=model_device(model))
     if world_size() > 1: dist.all_reduce(flags)
     unused = {n for n, flag in zip(names, flags.tolist()) if flag == 0}
     weights = dict(model.named_parameters())

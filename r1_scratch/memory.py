@@ -3,7 +3,6 @@
 # %% ../nbs/19_scaling.ipynb #4ced45fd
 from __future__ import annotations
 
-import functools
 import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -12,7 +11,6 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .config import Config, ModelConfig
 from .layers import ACTIVATIONS
@@ -23,9 +21,9 @@ from .vision import block_kinds, padded_size, window_shifts
 # %% auto #0
 __all__ = ['CHECKPOINTING', 'STRATEGIES', 'PRECISION_BYTES', 'LiveBytes', 'SampleShape', 'sample_shape', 'synthetic_batch',
            'train_steps', 'measure_peak', 'linear_inputs', 'attention_half', 'expert_hidden', 'ffn_half',
-           'encoder_block', 'vision_masks', 'stems', 'decoder_edges', 'loss_peak', 'save_matmuls', 'checkpoint_blocks',
-           'selective_block', 'block_transient', 'PlanError', 'check_settings', 'autocast_params', 'model_sizes',
-           'Block', 'step_blocks', 'MemoryPlan', 'comm_buffers', 'plan_memory', 'choose_strategy', 'plan_for']
+           'encoder_block', 'vision_masks', 'stems', 'decoder_edges', 'loss_peak', 'selective_block', 'block_transient',
+           'PlanError', 'check_settings', 'autocast_params', 'model_sizes', 'Block', 'step_blocks', 'MemoryPlan',
+           'comm_buffers', 'plan_memory', 'choose_strategy', 'plan_for']
 
 # %% ../nbs/19_scaling.ipynb #4eb427b3
 class LiveBytes(TorchDispatchMode):
@@ -188,29 +186,8 @@ def loss_peak(m: ModelConfig, s: int, shape: SampleShape) -> int:
     "Bytes per sample at the loss: logits, their shifted copy, an fp32 copy under bf16, log-softmax (kept)."
     return (2 * s + 4 * (s < 4) + 4) * m.vocab_size * shape.text
 
-# %% ../nbs/19_scaling.ipynb #c7c9ef10
-_MATMULS = {"mm", "addmm", "bmm", "_grouped_mm", "_scaled_dot_product_flash_attention",
-            "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
-            "_scaled_dot_product_cudnn_attention"}
-
-def save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    "Selective checkpointing's policy: keep what matrix products and attention computed, recompute the rest."
-    keep = op.overloadpacket.__name__ in _MATMULS
-    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
-
 # %% ../nbs/19_scaling.ipynb #b4a56f37
-CHECKPOINTING = ("none", "selective", "full")
-
-def checkpoint_blocks(model: nn.Module, mode: str = "full") -> nn.Module:
-    "Checkpoint every decoder and encoder block (non-reentrant): 'full' keeps inputs, 'selective' products too."
-    if mode not in CHECKPOINTING:
-        raise ValueError(f"train.activation_checkpointing={mode!r}: expected one of {CHECKPOINTING}")
-    enc = model.encoders
-    selective = functools.partial(create_selective_checkpoint_contexts, save_matmuls)
-    options = dict(use_reentrant=False) | (dict(context_fn=selective) if mode == "selective" else {})
-    for block in [] if mode == "none" else [*model.blocks, *enc.text.blocks, *enc.vision.blocks, *enc.audio.blocks]:
-        block.forward = functools.partial(checkpoint, block.forward, **options)
-    return model
+CHECKPOINTING = ("none", "selective", "full")  # train.activation_checkpointing, applied by 12_distributed
 
 # %% ../nbs/19_scaling.ipynb #3a29396c
 def selective_block(m: ModelConfig, s: int, kind: str) -> int:

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from r1_scratch.config import apply_overrides, get_preset
-from r1_scratch.memory import (PlanError, attention_half, checkpoint_blocks, choose_strategy, encoder_block, ffn_half,
+from r1_scratch.distributed import apply_activation_checkpointing
+from r1_scratch.memory import (PlanError, attention_half, choose_strategy, encoder_block, ffn_half,
                                measure_peak, model_sizes, plan_for, plan_memory, sample_shape, synthetic_batch)
 from r1_scratch.model import R1Model
 
@@ -78,7 +79,7 @@ def test_auto_strategy_and_the_22b_verdict(r1_22b):
 def test_the_plan_matches_a_measured_step_on_tiny(mode):
     cfg = get_preset("tiny")
     torch.manual_seed(0)
-    model = checkpoint_blocks(R1Model(cfg.model), mode)
+    model = apply_activation_checkpointing(R1Model(cfg.model), mode)
     measured = measure_peak(model, synthetic_batch(cfg, 4), steps=2)["peak"]
     plan = plan_memory(cfg, "ddp", 1, 4 * sample_shape(cfg).decoder, mode, precision="fp32")
     assert abs(plan.allocated / measured - 1) < 0.1, (plan.table(), measured)
