@@ -72,6 +72,8 @@ def run_one(name, preset, overrides, samples, mode, strategy, offload, device, s
                             max_reserved=torch.cuda.max_memory_reserved())
     except torch.OutOfMemoryError as error:
         measured = dict(error=str(error).splitlines()[0])
+    except Exception as error:  # one configuration's failure is recorded; the others still run
+        measured = dict(error=f"{type(error).__name__}: {str(error).splitlines()[0]}")
     out.update(measured=measured, seconds=round(time.perf_counter() - start, 1))
     if "max_allocated" in measured:
         out["ratio_allocated"] = round(plan.allocated / measured["max_allocated"], 3)  # predicted / measured
@@ -99,15 +101,15 @@ def main():
                   note="predicted.allocated is the plan less its slack, compared with max_memory_allocated; "
                        "reserved_over_allocated is the allocator's measured slack (the plan assumes 1.1).",
                   configs=[])
+    out = Path(args.out or f"bench/results/memory_{'h200' if args.device == 'cuda' else 'cpu'}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     for config in configs:
         result["configs"].append(run_one(*config, args.device, args.steps))
         print(json.dumps(result["configs"][-1]), flush=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")  # after each one: a time limit keeps what finished
         gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    out = Path(args.out or f"bench/results/memory_{'h200' if args.device == 'cuda' else 'cpu'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -5,7 +5,8 @@ run on one GPU: tokens/s, MFU and peak memory of each, and our MFU as a ratio of
 
 Our arms run the launch's Trainer on 8 real stage-3 batches held in memory (the loader is measured elsewhere):
 `ddp` is the model as one process trains it today (fp32 weights under bf16 autocast), `fsdp` the same model under
-FSDP2 at world size 1 (bf16 compute weights over fp32 master weights), `+ckpt` arms add activation checkpointing.
+FSDP2 at world size 1 (bf16 compute weights over fp32 master weights), `+ckpt` arms add activation checkpointing,
+`+compile` arms compile each block (r1_scratch.distributed.compile_blocks).
 The plain decoder is built from 03_layers' `TransformerBlock` (pre-norm, causal SDPA, SwiGLU of the experts'
 active width) with a tied LM head and fused AdamW, on as many tokens per step as our step averages; it runs eager
 and under torch.compile. MFU counts model FLOPs (r1_scratch.model.model_flops for ours, the same formula for the
@@ -25,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from r1_scratch.data import build_loader
-from r1_scratch.distributed import apply_activation_checkpointing, shard_model
+from r1_scratch.distributed import apply_activation_checkpointing, compile_blocks, shard_model
 from r1_scratch.launch import resolve_config
 from r1_scratch.layers import RMSNorm, TransformerBlock, init_weights
 from r1_scratch.model import R1Model
@@ -51,6 +52,7 @@ def our_arm(cfg, held: list[dict], arm: str, steps: int) -> dict:
     rt = local_runtime("bf16")
     torch.manual_seed(0)
     model = R1Model(cfg.model).to(rt.device)
+    if "compile" in arm: compile_blocks(model)
     if "ckpt" in arm: apply_activation_checkpointing(model, "full")
     if arm.startswith("fsdp"): shard_model(model, rt)
     stage = lm_stage(cfg, "sft", steps=10**6, evaluate=None)

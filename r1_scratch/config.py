@@ -253,7 +253,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: bool = False
+    compile: bool = False                      # torch.compile each block (12_distributed.compile_blocks)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0                  # 0 = no evaluation during training

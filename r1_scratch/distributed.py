@@ -30,7 +30,7 @@ __all__ = ['log', 'SAVED_OPS', 'wrap_ddp', 'all_gather_with_grad', 'is_fsdp', 'd
            'fixed_backward_prefetch', 'count_calls', 'decoder_calls', 'decoder_trains', 'stand_in_batch',
            'root_weights', 'graph_leaves', 'lockstep_loss', 'drop_unused_gradients', 'gathered', 'keep_products',
            'checkpointed', 'all_blocks', 'apply_activation_checkpointing', 'sharded_state', 'save_sharded',
-           'load_sharded', 'sharded_shapes', 'load_whole_weights', 'resolve_strategy', 'wrap_model']
+           'load_sharded', 'sharded_shapes', 'load_whole_weights', 'compile_blocks', 'resolve_strategy', 'wrap_model']
 
 # %% ../nbs/12_distributed.ipynb #ee30be94
 def wrap_ddp(model: nn.Module, rt: Runtime, find_unused_parameters: bool = True) -> nn.Module:
@@ -246,6 +246,16 @@ def load_whole_weights(model: nn.Module, tensors: dict[str, torch.Tensor]):
     if not is_fsdp(model): return model.load_state_dict(tensors)
     set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True))
 
+# %% ../nbs/12_distributed.ipynb #1467956a
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    "torch.compile each block's forward on its own (regional compilation); in place, names and weights unchanged."
+    for block in all_blocks(model):
+        eager = block.__dict__.setdefault("_eager_forward", block.__dict__.get("_plain_forward", block.forward))
+        block.__dict__["_plain_forward"] = torch.compile(eager, backend=backend)  # what checkpointing wraps
+        block.forward = block._plain_forward
+    return model
+
+
 # %% ../nbs/12_distributed.ipynb #13ea5943
 def resolve_strategy(cfg, rt: Runtime) -> str:
     "The config's dist.strategy, with 'auto' decided by the memory planner (DDP where it fits, else FSDP)."
@@ -255,7 +265,8 @@ def resolve_strategy(cfg, rt: Runtime) -> str:
     return choose_strategy(cfg, rt.world, torch.cuda.get_device_properties(rt.device).total_memory)
 
 def wrap_model(model: nn.Module, cfg, rt: Runtime) -> nn.Module:
-    "The model as a run trains it: blocks checkpointed as configured, then DDP or FSDP2."
+    "The model as a run trains it: blocks compiled if asked, checkpointed as configured, then DDP or FSDP2."
+    if cfg.train.compile: compile_blocks(model)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     strategy = resolve_strategy(cfg, rt)
     if strategy == "ddp": return wrap_ddp(model, rt)

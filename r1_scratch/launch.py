@@ -74,8 +74,7 @@ def run_stages(cfg: Config, stages: list[str], run_dir: Path, rt: Runtime) -> li
         counts = count_parameters(model)
         log.info("model: %.1fM parameters, %.1fM active per token; %d process(es) on %s, %s",
                  counts["total"] / 1e6, counts["active"] / 1e6, rt.world, rt.device.type, rt.precision)
-    train_model = wrap_model(model, cfg, rt)  # checkpointed blocks, then DDP or FSDP2 (dist.strategy)
-    if cfg.train.compile: train_model = torch.compile(train_model)
+    train_model = wrap_model(model, cfg, rt)  # compiled and checkpointed blocks, then DDP or FSDP2 (dist.strategy)
     summaries = []
     for name in stages:
         stage = STAGES[name](cfg, name)

@@ -323,6 +323,9 @@ class ExpertFamilies(nn.Module):
             if a <= e < b: return experts.one(x, e - a)
         raise IndexError(f"expert {e} out of range [0, {self.n_experts})")
 
+    # Left out of torch.compile's graphs: the family boundaries are host integers, so a compiled version would be
+    # recompiled for every new split of the tokens; eager, it is ten GEMM launches and one wait for the counts.
+    @torch.compiler.disable
     def grouped(self, rows: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         "Rows sorted by expert -> each family's slice through its own grouped GEMMs."
         per_expert = counts.tolist()  # the one host sync: where each family's rows start and end
@@ -375,6 +378,7 @@ class MoELayer(nn.Module):
                                           self.experts.n_experts, self.capacity_factor)
         y = DISPATCH[self.dispatch](tokens, routing, self.experts)
         if self.shared is not None: y = y + self.shared(tokens)
+        y = y.to(flat.dtype)  # the residual stream's dtype: bf16 under FSDP's bf16 weights, fp32 under autocast
         out = y if keep is None else torch.zeros_like(flat).index_copy_(0, keep, y)
         if self.training and not recomputing(): self._accumulate(routing, dropped)  # once, not again in a checkpoint's rerun
         losses = dict(balance=load_balance_loss(routing, self.experts.n_experts), z=router_z_loss(routing),
