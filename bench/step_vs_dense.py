@@ -58,12 +58,16 @@ def our_arm(cfg, held: list[dict], arm: str, steps: int) -> dict:
     stage = lm_stage(cfg, "sft", steps=10**6, evaluate=None)
     trainer = Trainer(model, stage, cfg, Path(tempfile.mkdtemp()), rt, callbacks=[])
     batches = itertools.cycle(held)
-    last = {}
-    def step(): last.update(trainer.train_step(trainer.micro_batches(batches)).metrics)
+    last, losses = {}, []
+    def step():
+        result = trainer.train_step(trainer.micro_batches(batches))
+        last.update(result.metrics)
+        losses.append(round(result.loss, 4))
     seconds, peak = timed(step, steps)
     tokens, flops = last["tokens"], last["flops"]  # of the last step: the held batches cycle
     return dict(arm=arm, step_s=round(seconds, 4), tokens_per_step=int(tokens), tokens_per_s=round(tokens / seconds),
-                mfu=round(flops / seconds / 1e12 / PEAK_TFLOPS, 4), peak_gb=round(peak, 2))
+                mfu=round(flops / seconds / 1e12 / PEAK_TFLOPS, 4), peak_gb=round(peak, 2),
+                losses=losses)  # every step's loss, warm-up included: the arms' curves must overlay
 
 
 class PlainDecoder(nn.Module):
@@ -132,6 +136,9 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
     best_plain = max(r["mfu"] for r in rows if r["arm"].startswith("plain"))
     for r in rows: r["mfu_vs_best_plain"] = round(r["mfu"] / best_plain, 3)
+    ours = [r for r in rows if "losses" in r]
+    for r in ours:  # the same batches in the same order: a faster step must not change what is learned
+        r["largest_loss_gap_vs_first_arm"] = round(max(abs(a - b) for a, b in zip(r["losses"], ours[0]["losses"])), 4)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = dict(command="python " + " ".join(sys.argv), commit=commit, preset=args.preset,
                   device=torch.cuda.get_device_name(), rows=rows)

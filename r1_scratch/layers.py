@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'RESIDUAL_OUTPUTS', 'POOLS', 'causal_mask', 'combine_masks', 'attention_reference', 'attention',
-           'MultiHeadAttention', 'RMSNorm', 'make_norm', 'gated', 'MLP', 'TransformerBlock', 'init_weights',
+           'RMSNorm', 'make_norm', 'MultiHeadAttention', 'gated', 'MLP', 'TransformerBlock', 'init_weights',
            'EncoderOutput', 'masked_mean', 'masked_max']
 
 # %% ../nbs/03_layers.ipynb #2fa5d207
@@ -59,6 +59,23 @@ def attention(q, k, v, mask=None, dropout_p=0.0, causal_only=False):
     if causal_only: return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
+# %% ../nbs/03_layers.ipynb #f6f38a70
+class RMSNorm(nn.Module):
+    "x / sqrt(mean(x²) + eps) * weight, computed in fp32."
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    "'rms' -> RMSNorm, 'layer' -> LayerNorm."
+    if kind == "rms": return RMSNorm(dim)
+    if kind == "layer": return nn.LayerNorm(dim)
+    raise ValueError(f"norm kind must be 'rms' or 'layer', not {kind!r}")
+
 # %% ../nbs/03_layers.ipynb #d7c02f79
 class MultiHeadAttention(nn.Module):
     """Multi-head self- or cross-attention on SDPA, with padding masks, boolean masks and additive bias.
@@ -89,23 +106,6 @@ class MultiHeadAttention(nn.Module):
         y = attention(q, k, v, mask, self.dropout if self.training else 0.0, causal_only=only_causal)
         y = self.out(y.transpose(1, 2).flatten(2))  # (B, H, Lq, d) -> (B, Lq, D)
         return (y, (k, v)) if return_kv else y
-
-# %% ../nbs/03_layers.ipynb #f6f38a70
-class RMSNorm(nn.Module):
-    "x / sqrt(mean(x²) + eps) * weight, computed in fp32."
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
-
-def make_norm(kind: str, dim: int) -> nn.Module:
-    "'rms' -> RMSNorm, 'layer' -> LayerNorm."
-    if kind == "rms": return RMSNorm(dim)
-    if kind == "layer": return nn.LayerNorm(dim)
-    raise ValueError(f"norm kind must be 'rms' or 'layer', not {kind!r}")
 
 # %% ../nbs/03_layers.ipynb #03849a0f
 def gated(act):
