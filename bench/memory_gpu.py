@@ -4,7 +4,7 @@ For each configuration: build the model, checkpoint its blocks, wrap it (FSDP2 a
 steps (forward, next-token + MoE losses, backward, AdamW) on random worst-case batches of the planned micro-batch
 in bf16, and record torch.cuda.max_memory_allocated / max_memory_reserved next to the plan's parts.
 
-    python bench/memory_gpu.py                                # one H200 (~10 min): bench/results/memory_h200.json
+    python bench/memory_gpu.py --out bench/results/memory_h100.json   # one GPU (~2 min); the 8-layer slices need 80+ GiB
     python bench/memory_gpu.py --device cpu --preset tiny     # seconds: live tensor bytes in fp32, memory_cpu.json
 """
 import argparse
@@ -29,8 +29,11 @@ SLICE = ["model.vision_layers=2", "model.audio_layers=2", "model.text_layers=1"]
 GPU_CONFIGS = [  # name, preset, overrides, samples, checkpointing, strategy, cpu_offload
     ("base", "base", [], 8, "none", "ddp", False),
     ("base, full checkpointing", "base", [], 8, "full", "ddp", False),
+    ("base, selective checkpointing", "base", [], 8, "selective", "ddp", False),
     ("r1_22b, 2 decoder layers", "r1_22b", ["model.n_layers=2", *SLICE], 2, "none", "fsdp", False),
+    ("r1_22b, 2 decoder layers, full", "r1_22b", ["model.n_layers=2", *SLICE], 4, "full", "fsdp", False),
     ("r1_22b, 4 decoder layers, selective", "r1_22b", ["model.n_layers=4", *SLICE], 2, "selective", "fsdp", False),
+    ("r1_22b, 6 decoder layers, full", "r1_22b", ["model.n_layers=6", *SLICE], 4, "full", "fsdp", False),
     ("r1_22b, 8 decoder layers, full", "r1_22b", ["model.n_layers=8", *SLICE], 4, "full", "fsdp", False),
     ("r1_22b, 8 decoder layers, none", "r1_22b", ["model.n_layers=8", *SLICE], 1, "none", "fsdp", False),
     ("r1_22b, 4 decoder layers, full, offload", "r1_22b", ["model.n_layers=4", *SLICE], 4, "full", "fsdp", True),
@@ -101,7 +104,7 @@ def main():
                   note="predicted.allocated is the plan less its slack, compared with max_memory_allocated; "
                        "reserved_over_allocated is the allocator's measured slack (the plan assumes 1.1).",
                   configs=[])
-    out = Path(args.out or f"bench/results/memory_{'h200' if args.device == 'cuda' else 'cpu'}.json")
+    out = Path(args.out or f"bench/results/memory_{'gpu' if args.device == 'cuda' else 'cpu'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     for config in configs:
         result["configs"].append(run_one(*config, args.device, args.steps))

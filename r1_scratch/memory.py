@@ -6,6 +6,7 @@ from __future__ import annotations
 import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -317,13 +318,22 @@ class MemoryPlan:
         return f"does not fit: {self.total / 2**30:.1f} GiB per GPU > {gpu_bytes / 2**30:.0f} GiB (largest, GiB: {big})"
 
 # %% ../nbs/19_scaling.ipynb #7dda4d2d
-def comm_buffers(sizes: dict, strategy: str, world: int, s: int) -> tuple[float, float]:
-    "FSDP2's gathered units in the forward (current, prefetched, root); in the backward also the grad reduce-scatter."
+def comm_buffers(sizes: dict, strategy: str, world: int, s: int) -> tuple[float, Callable[[int, int], float], float]:
+    """FSDP2's gathered weights and gradient buffers, in bytes: (forward, backward of decoder unit j of n, backward of
+    an encoder block). The forward holds the current unit, the prefetched next one and the root. Unit j's backward
+    holds its weights and its unsharded gradient, the root, the prefetched unit j - 1 (none for the first unit, the
+    last the backward reaches) and the fp32 reduce-scatter input of unit j + 1, still in flight on its own stream
+    (none for the last unit, the first the backward reaches); its output becomes unit j + 1's sharded gradient,
+    counted with the gradients. An encoder's backward holds the root alone: the encoders belong to it, and every
+    decoder unit is resharded by then."""
     if strategy == "ddp":
-        return 0.0, 0.0
-    unit = sizes["unit"]
-    gathered = (2 * unit + sizes["root"]) * s
-    return gathered, gathered + unit * s + 4 * unit + 4 * unit / world  # unsharded grad, fp32 reduce-scatter in/out
+        return 0.0, lambda j, n: 0.0, 0.0
+    unit, root = sizes["unit"], sizes["root"] * s
+    def backward(j: int, n: int) -> float:
+        prefetched, reducing = j > 0, j < n - 1
+        return root + 2 * unit * s + unit * s * prefetched + 4 * unit * reducing
+    return 2 * unit * s + root, backward, root
+
 
 # %% ../nbs/19_scaling.ipynb #88a4fecd
 def plan_memory(cfg: Config, strategy: str = "fsdp", world: int = 1, micro_batch_tokens: int | None = None,
@@ -343,12 +353,14 @@ def plan_memory(cfg: Config, strategy: str = "fsdp", world: int = 1, micro_batch
     blocks = step_blocks(cfg, s, samples, activation_checkpointing)
     mask = shape.decoder ** 2 * (activation_checkpointing != "none")  # every checkpointed block keeps the bool mask
     kept = (stems(m, s, shape) + decoder_edges(m, s, shape) + mask) * samples + sum(b.kept for b in blocks)
-    forward, backward = comm_buffers(sizes, strategy, world, s)
+    forward, backward, root_only = comm_buffers(sizes, strategy, world, s)
     phases = {"the loss": dict(resident, copies=cast * sizes["autocast"], gathered=forward, activations=kept,
                                 logits=loss_peak(m, s, shape) * samples)}
     grads, copies = grad * sizes["head"], cast * sizes["autocast"]
     for b in reversed(blocks):  # backward: gradients grow as each block frees what it kept
-        phases[f"the backward of {b.kind} block {b.index}"] = dict(resident, copies=copies, gathered=backward,
+        unit = b.index + m.n_dense_layers * (b.kind == "decoder")  # its place among the decoder's FSDP units
+        gathered = root_only if b.kind in ("vision", "audio") else backward(unit, m.n_layers)
+        phases[f"the backward of {b.kind} block {b.index}"] = dict(resident, copies=copies, gathered=gathered,
                                                                   grads=grads, activations=kept, in_flight=b.in_flight)
         grads, copies, kept = grads + grad * b.params, copies - cast * b.cast, kept - b.kept
     phases["the optimizer step"] = dict(resident, grads=grad * P)
