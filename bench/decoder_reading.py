@@ -225,7 +225,7 @@ def run_arm(name: str, preset: str, steps: int, batch_size: int, image_size: int
     cfg.model.image_size = image_size
     change = ARMS[name]
     m = cfg.model
-    m.expert_dropout = change.get("expert_dropout", cfg.stages["sft"].options.get("expert_dropout", 0.0))
+    m.expert_dropout = change.get("expert_dropout", cfg.stages["sft"].options.expert_dropout or 0.0)
     m.n_layers, m.n_heads = change.get("n_layers", m.n_layers), change.get("n_heads", m.n_heads)
     if "n_dense_layers" in change: m.n_dense_layers = m.n_layers
     m.qk_norm = change.get("qk_norm", False)  # QK-norm in the decoder's attention (03_layers)

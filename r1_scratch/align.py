@@ -16,7 +16,7 @@ from .config import Config
 from .data import TextTokenizer, build_loader
 from .distributed import all_gather_with_grad
 from .runtime import model_device, world_size
-from .trainer import Stage, to_device
+from .trainer import Stage, stage_from_config, to_device
 
 # %% auto #0
 __all__ = ['LABEL_KEY', 'MAX_LOGIT_SCALE', 'caption_hash', 'caption_keys', 'contrastive_loss', 'uniformity', 'gather_rows',
@@ -209,7 +209,7 @@ def retrieval_metrics(e: dict, kind: str) -> dict:
 
 def config_swaps(cfg: Config, name: str = "align") -> WordSwaps | None:
     "The stage's word swaps (`options.swap_words`), or None without any; the error names the option."
-    groups = cfg.stages[name].options.get("swap_words") if name in cfg.stages else None
+    groups = cfg.stages[name].options.swap_words if name in cfg.stages else None
     if not groups: return None
     try: return word_swaps(TextTokenizer.from_file(cfg.data.tokenizer), groups)
     except ValueError as error: raise ValueError(f"stages.{name}.options.swap_words: {error}") from error
@@ -225,18 +225,15 @@ def align_evaluate(model, cfg: Config, sources=("scenes", "digits", "speech"), s
 def align_stage(cfg: Config, name: str = "align", **overrides) -> Stage:
     "Stage 2 on the config's `stages.<name>`: contrastive alignment of the encoders, evaluated by retrieval."
     st = cfg.stages[name]
-    learnable = st.options.get("learnable_temperature", True)
-    temperature = None if learnable else st.options.get("temperature", 0.1)
+    o = st.options
+    temperature = None if o.learnable_temperature else o.temperature
     swaps = config_swaps(cfg, name)  # evaluated whenever configured; trained on with options.hard_negatives
-    if st.options.get("hard_negatives", False) and swaps is None:
+    if o.hard_negatives and swaps is None:
         raise ValueError(f"stages.{name}.options.hard_negatives is on but swap_words names no words to swap")
-    train_swaps = swaps if st.options.get("hard_negatives", False) else None
     mixture = st.mixture or cfg.data.mixture
-    loader = build_loader(cfg, "train", mixture, batch_size=st.batch_size, max_tokens=st.max_tokens)
-    kw = dict(name=name, loader=loader, count=count_pairs, steps=st.steps or cfg.train.max_steps, lr=st.lr or cfg.train.lr,
-              grad_accum=st.grad_accum or 1, trainable=st.trainable or (["encoders"] + (["heads.logit_scale"] if learnable else [])),
-              lr_scale=st.lr_scale,
-              loss=partial(align_loss, temperature=temperature, uniformity_weight=st.options.get("uniformity", 0.1),
-                           swaps=train_swaps),
-              evaluate=partial(align_evaluate, cfg=cfg, sources=list(mixture), swaps=swaps))
-    return Stage(**{**kw, **overrides})
+    parts = dict(loader=build_loader(cfg, "train", mixture, batch_size=st.batch_size, max_tokens=st.max_tokens),
+                 count=count_pairs, evaluate=partial(align_evaluate, cfg=cfg, sources=list(mixture), swaps=swaps),
+                 loss=partial(align_loss, temperature=temperature, uniformity_weight=o.uniformity,
+                              swaps=swaps if o.hard_negatives else None))
+    encoders = ["encoders"] + (["heads.logit_scale"] if o.learnable_temperature else [])  # unless the stage says
+    return stage_from_config(cfg, name, default_trainable=encoders, **{**parts, **overrides})

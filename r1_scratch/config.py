@@ -22,11 +22,12 @@ import yaml
 from fastcore.script import Param, call_parse
 
 # %% auto #0
-__all__ = ['SHAPE_WORDS', 'PRESETS', 'ConfigError', 'check_fields', 'round_up', 'derived_sizes', 'ModelConfig', 'check_model',
-           'DataConfig', 'check_mixture', 'check_data', 'TrainConfig', 'check_train', 'DistConfig', 'check_dist',
-           'StageConfig', 'check_stage', 'default_stages', 'Config', 'validate', 'config_from_dict', 'config_to_dict',
-           'get_preset', 'with_data_root', 'YamlLoader', 'read_yaml', 'parse_override', 'apply_overrides',
-           'save_config', 'load_config', 'main']
+__all__ = ['STAGE_OPTIONS', 'SHAPE_WORDS', 'PRESETS', 'ConfigError', 'check_fields', 'round_up', 'derived_sizes', 'ModelConfig',
+           'check_model', 'DataConfig', 'check_mixture', 'check_data', 'TrainConfig', 'check_train', 'DistConfig',
+           'check_dist', 'PretrainOptions', 'AlignOptions', 'SFTOptions', 'check_options', 'StageConfig', 'check_stage',
+           'default_stages', 'Config', 'validate', 'config_from_dict', 'stage_config', 'config_to_dict', 'get_preset',
+           'with_data_root', 'YamlLoader', 'read_yaml', 'parse_override', 'apply_overrides', 'save_config',
+           'load_config', 'main']
 
 # %% ../nbs/00_config.ipynb #fc9aba4c
 class ConfigError(ValueError):
@@ -295,6 +296,47 @@ def check_dist(d: DistConfig) -> DistConfig:
              "dist.cpu_offload=true needs dist.strategy=fsdp (or auto): DDP keeps every weight on the GPU")
     return d
 
+# %% ../nbs/00_config.ipynb #bb3e7267
+@dataclass
+class PretrainOptions:
+    "Stage 1's knobs (13_stage1_pretrain)."
+    masking: float = 0.15                # share of text tokens masked for the MLM loss; 0 = causal LM alone
+    image_mask: float = 0.5              # share of image patches masked
+    audio_mask: float = 0.5              # share of audio frames masked
+    weighting: Literal["uncertainty", "sum"] = "uncertainty"  # how the modalities' losses add up
+    eval_batches: int = 4                # validation batches per source
+
+@dataclass
+class AlignOptions:
+    "Stage 2's knobs (14_stage2_align)."
+    temperature: float = 0.1             # the softmax temperature, when it is not learnt
+    learnable_temperature: bool = True   # learn it, as CLIP does
+    uniformity: float = 0.1              # weight of the uniformity loss
+    hard_negatives: bool = False         # train on captions with one word swapped (NegCLIP)
+    swap_words: list[list[str]] = field(default_factory=list)  # groups of words a hard negative swaps
+
+@dataclass
+class SFTOptions:
+    "Stage 3's knobs (15_stage3_sft)."
+    expert_dropout: Optional[float] = None  # expert dropout while this stage trains; None = model.expert_dropout
+    answer_samples: int = 64             # validation questions answered per QA task
+    loss_average: Literal["answer", "token"] = "answer"  # each answer weighs the same, or each token
+    eval_batches: int = 20               # validation batches for the LM loss
+
+STAGE_OPTIONS = {"pretrain": PretrainOptions, "align": AlignOptions, "sft": SFTOptions}  # stage name -> its options
+
+def check_options(o, where: str):
+    "Types and ranges of a stage's options (`where` is e.g. 'stages.sft.options')."
+    check_fields(o, where)
+    _check_counts(o, where)
+    for f in dataclasses.fields(o):
+        value = getattr(o, f.name)
+        if isinstance(value, float) and f.name != "temperature":  # shares and weights
+            _require(0 <= value < (1 if "mask" in f.name or "dropout" in f.name else math.inf),
+                     f"{where}.{f.name}={value} is out of range")
+    if isinstance(o, AlignOptions): _require(o.temperature > 0, f"{where}.temperature must be positive")
+
+
 # %% ../nbs/00_config.ipynb #4e077930
 @dataclass
 class StageConfig:
@@ -308,10 +350,15 @@ class StageConfig:
     batch_size: Optional[int] = None
     max_tokens: Optional[int] = None
     grad_accum: Optional[int] = None
-    options: dict[str, Any] = field(default_factory=dict)   # stage-specific knobs
+    options: Any = None                  # the stage's typed knobs (STAGE_OPTIONS[name]); None = their defaults
 
 def check_stage(st: StageConfig, where: str, data: DataConfig) -> StageConfig:
-    "Types and limits of one stage (`where` is e.g. 'stages.sft')."
+    "Types and limits of one stage (`where` is e.g. 'stages.sft'; its last part names the stage)."
+    kind = STAGE_OPTIONS.get(where.rpartition(".")[2])
+    _require(kind is not None, f"{where}: no options class for this stage; known: {', '.join(STAGE_OPTIONS)}")
+    if st.options is None: st.options = kind()
+    _require(isinstance(st.options, kind), f"{where}.options: expected {kind.__name__}, got {st.options!r}")
+    check_options(st.options, f"{where}.options")
     check_fields(st, where)
     _check_counts(st, where)
     _require(st.lr is None or st.lr > 0, f"{where}.lr must be positive, got {st.lr}")
@@ -329,12 +376,11 @@ def default_stages() -> dict[str, StageConfig]:
     "The article's three stages: unimodal pretraining, contrastive alignment, instruction tuning."
     return {
         "pretrain": StageConfig(mixture={"text": 0.4, "scenes": 0.3, "digits": 0.1, "speech": 0.2},
-                                options={"masking": 0.15, "image_mask": 0.5, "audio_mask": 0.5, "weighting": "uncertainty"}),
-        "align": StageConfig(mixture={"scenes": 0.5, "digits": 0.2, "speech": 0.3}, grad_accum=1,
-                             options={"temperature": 0.1, "learnable_temperature": True, "uniformity": 0.1,
-                                      "hard_negatives": True, "swap_words": [list(SHAPE_WORDS)]}),  # NegCLIP, 14_stage2_align
+                                options=PretrainOptions()),
+        "align": StageConfig(mixture={"scenes": 0.5, "digits": 0.2, "speech": 0.3}, grad_accum=1,  # NegCLIP (14)
+                             options=AlignOptions(hard_negatives=True, swap_words=[list(SHAPE_WORDS)])),
         "sft": StageConfig(mixture={"instruct": 0.6, "reasoning": 0.2, "vqa": 0.15, "audio_qa": 0.05},
-                           grad_accum=4, max_tokens=2048, batch_size=64, options={"expert_dropout": 0.3, "answer_samples": 64, "loss_average": "answer"},
+                           grad_accum=4, max_tokens=2048, batch_size=64, options=SFTOptions(expert_dropout=0.3),
                            trainable=["inputs", "blocks", "norm", "lm_head"]),  # encoders frozen, as LLaVA does
     }
 
@@ -371,13 +417,12 @@ def validate(cfg: Config) -> Config:
 # %% ../nbs/00_config.ipynb #68650098
 # stage 1 for the short budgets: text batches, causal LM, the decoder alone (13_stage1_pretrain measures why)
 _DECODER_ONLY_PRETRAIN = dict(mixture={"text": 1.0}, trainable=["inputs", "blocks", "norm", "lm_head"],
-                              options={"masking": 0, "image_mask": 0.5, "audio_mask": 0.5, "weighting": "uncertainty"})
-_ALIGN_WITHOUT_HARD_NEGATIVES = {**default_stages()["align"].options, "hard_negatives": False}
+                              options={"masking": 0})
 PRESETS: dict[str, dict] = {
     "tiny": dict(model=dict(depth=2),  # the default launch: all three stages in a few minutes on 2 CPU cores
                  stages=dict(pretrain=dict(steps=100, batch_size=16, lr=2e-3, **_DECODER_ONLY_PRETRAIN),
                              # at 32 px the ViT's 8 px patches miss outlines: hard negatives cost 11% of stage 2, teach nothing here
-                             align=dict(steps=300, batch_size=32, lr=1e-3, options=_ALIGN_WITHOUT_HARD_NEGATIVES),
+                             align=dict(steps=300, batch_size=32, lr=1e-3, options={"hard_negatives": False}),
                              sft=dict(steps=400, max_tokens=1024, lr=2e-3))),
     # QK-norm in the decoder and a stage 3 of 1,120 steps: the run that reads 0.98 of 600 fresh visual questions
     # (session 20 of bench/results/stages_small_h200.json; 560 steps without QK-norm: 0.86, 15_stage3_sft)
@@ -444,7 +489,11 @@ def _merge(tree: dict, update: dict) -> dict:
     for name, cls in _SECTIONS.items():
         out[name].update(_check_keys(update.get(name, {}), _field_names(cls), name))
     for stage, values in _check_keys(update.get("stages", {}), list(tree["stages"]), "stages").items():
-        out["stages"][stage] = {**tree["stages"][stage], **_check_keys(values, _field_names(StageConfig), f"stages.{stage}")}
+        old, new = tree["stages"][stage], dict(_check_keys(values, _field_names(StageConfig), f"stages.{stage}"))
+        if "options" in new:  # merged key by key, each key checked against the stage's options class
+            known = _field_names(STAGE_OPTIONS[stage])
+            new["options"] = {**old.get("options", {}), **_check_keys(new["options"], known, f"stages.{stage}.options")}
+        out["stages"][stage] = {**old, **new}
     return out
 
 # %% ../nbs/00_config.ipynb #0a1f3f25
@@ -453,10 +502,18 @@ def config_from_dict(d: dict, preset: str | None = None) -> Config:
     d = dict(_check_keys(d or {}, [*_SECTIONS, "stages", "preset"], ""))
     name = d.pop("preset", None) or preset or "tiny"
     _require(name in PRESETS, f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    tree = {"model": {}, "data": {}, "train": {}, "dist": {}, "stages": {k: {} for k in default_stages()}}
+    defaults = {k: dataclasses.asdict(v) for k, v in default_stages().items()}
+    tree = {"model": {}, "data": {}, "train": {}, "dist": {}, "stages": defaults}
     tree = _merge(_merge(tree, PRESETS[name]), d)
-    stages = {k: StageConfig(**{**dataclasses.asdict(v), **tree["stages"][k]}) for k, v in default_stages().items()}
+    stages = {k: stage_config(k, v) for k, v in tree["stages"].items()}
     return Config(**{k: cls(**tree[k]) for k, cls in _SECTIONS.items()}, stages=stages, preset=name)
+
+def stage_config(name: str, values: dict) -> StageConfig:
+    "A StageConfig from plain values, its `options` mapping made the stage's options class."
+    options = values.get("options")
+    if isinstance(options, dict):  # a wrong type is left for check_stage to name
+        options = STAGE_OPTIONS[name](**options)
+    return StageConfig(**{**values, "options": options})
 
 def config_to_dict(cfg: Config) -> dict:
     "The whole config as plain nested dicts and lists (tuples become lists), ready for YAML."

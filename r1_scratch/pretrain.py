@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from .audio import lengths_mask
-from .config import Config, StageConfig
+from .config import Config, PretrainOptions, StageConfig
 from .data import TextTokenizer, build_loader
 from .model import PRETRAIN_LOSSES, lm_loss_sum
 from .text import mlm_loss
 from .runtime import model_device
-from .trainer import Stage, to_device
+from .trainer import Stage, stage_from_config, to_device
 
 # %% auto #0
 __all__ = ['batch_modality', 'special_ids', 'text_losses', 'patchify', 'random_mask', 'image_loss', 'span_mask', 'audio_loss',
@@ -136,10 +136,9 @@ def pretrain_evaluate(model, cfg: Config, sources: list[str], tok: TextTokenizer
     return {k: round(sums[k] / counts[k], 4) for k in sums}
 
 def pretrain_options(st: StageConfig | None) -> dict:
-    "The loss options of `pretrain_objective` from a stage config (defaults where it has none)."
-    o = st.options if st else {}
-    return dict(masking=o.get("masking", 0.15), image_mask=o.get("image_mask", 0.5), audio_mask=o.get("audio_mask", 0.5),
-                weighting=o.get("weighting", "uncertainty"))
+    "The loss options of `pretrain_objective` from a stage config (the defaults of PretrainOptions without one)."
+    o = st.options if st else PretrainOptions()
+    return dict(masking=o.masking, image_mask=o.image_mask, audio_mask=o.audio_mask, weighting=o.weighting)
 
 def pretrain_stage(cfg: Config, name: str = "pretrain", **overrides) -> Stage:
     "Stage 1 on the config's `stages.<name>`: one modality per batch, four self-supervised losses."
@@ -149,9 +148,7 @@ def pretrain_stage(cfg: Config, name: str = "pretrain", **overrides) -> Stage:
     mixture = st.mixture or cfg.data.mixture
     loader = build_loader(cfg, "train", mixture, batch_size=st.batch_size, max_tokens=st.max_tokens,
                           one_source_per_batch=True)
-    kw = dict(name=name, loader=loader, loss=partial(pretrain_loss, tok=tok, **options), count=one_per_batch,
-              steps=st.steps or cfg.train.max_steps, lr=st.lr or cfg.train.lr, grad_accum=st.grad_accum or cfg.train.grad_accum,
-              trainable=st.trainable, lr_scale=st.lr_scale,
-              evaluate=partial(pretrain_evaluate, cfg=cfg, sources=list(mixture), tok=tok, options=options,
-                               max_batches=st.options.get("eval_batches", 4)))
-    return Stage(**{**kw, **overrides})
+    evaluate = partial(pretrain_evaluate, cfg=cfg, sources=list(mixture), tok=tok, options=options,
+                       max_batches=st.options.eval_batches)
+    parts = dict(loader=loader, loss=partial(pretrain_loss, tok=tok, **options), count=one_per_batch, evaluate=evaluate)
+    return stage_from_config(cfg, name, **{**parts, **overrides})

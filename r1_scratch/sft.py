@@ -16,9 +16,9 @@ from .runtime import model_device
 from .trainer import Stage, lm_evaluate, lm_loss, lm_stage, to_device
 
 # %% auto #0
-__all__ = ['MAX_NEW_TOKENS', 'QA_TASKS', 'LOSS_AVERAGES', 'answer_loss_sum', 'count_answers', 'prompts_of', 'normalise',
-           'final_answer', 'is_correct', 'blind_accuracy', 'accuracy_by_kind', 'select_rows', 'answer_accuracy',
-           'sft_evaluate', 'sft_stage']
+__all__ = ['MAX_NEW_TOKENS', 'QA_TASKS', 'answer_loss_sum', 'count_answers', 'prompts_of', 'normalise', 'final_answer',
+           'is_correct', 'blind_accuracy', 'accuracy_by_kind', 'select_rows', 'answer_accuracy', 'sft_evaluate',
+           'sft_stage']
 
 # %% ../nbs/15_stage3_sft.ipynb #cdd250e6
 def answer_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,21 +119,16 @@ def sft_evaluate(model, cfg: Config, name: str = "sft", max_samples: int = 64) -
     st = cfg.stages[name]
     mixture = st.mixture or cfg.data.mixture
     loader = build_loader(cfg, "val", mixture, batch_size=st.batch_size, max_tokens=st.max_tokens, num_workers=0)
-    out = lm_evaluate(model, loader, st.options.get("eval_batches", 20))
+    out = lm_evaluate(model, loader, st.options.eval_batches)
     for source in [s for s in QA_TASKS if s in mixture]:
         result = answer_accuracy(model, cfg, source, max_samples=max_samples)
         out |= {f"{source}_accuracy": result["accuracy"], f"{source}_blind": result["blind"],
                 f"{source}_by_kind": {kind: r["accuracy"] for kind, r in result["by_kind"].items()}}
     return out
 
-LOSS_AVERAGES = ("answer", "token")
-
 def sft_stage(cfg: Config, name: str = "sft", **overrides) -> Stage:
     "Stage 3 on the config's `stages.<name>`: instruction tuning, evaluated by answers as well as by loss."
-    options = cfg.stages[name].options
-    average = options.get("loss_average", "answer")
-    if average not in LOSS_AVERAGES:
-        raise ValueError(f"stages.{name}.options.loss_average must be one of {LOSS_AVERAGES}, got {average!r}")
-    loss = dict(loss=partial(lm_loss, reduce=answer_loss_sum), count=count_answers) if average == "answer" else {}
-    evaluate = partial(sft_evaluate, cfg=cfg, name=name, max_samples=options.get("answer_samples", 64))
+    options = cfg.stages[name].options  # SFTOptions: loss_average is 'answer' or 'token', checked by the config
+    loss = dict(loss=partial(lm_loss, reduce=answer_loss_sum), count=count_answers) if options.loss_average == "answer" else {}
+    evaluate = partial(sft_evaluate, cfg=cfg, name=name, max_samples=options.answer_samples)
     return lm_stage(cfg, name, **{"evaluate": evaluate, **loss, **overrides})

@@ -36,7 +36,8 @@ log = logging.getLogger("r1_scratch.trainer")
 __all__ = ['log', 'Stage', 'set_trainable', 'lr_multiplier', 'tied_multiplier', 'make_optimizer', 'lr_lambda', 'CheckpointError',
            'check_compatible', 'save_weights', 'load_weights', 'Checkpoints', 'Callback', 'Progress', 'JsonLines',
            'WandB', 'Plots', 'plot_metrics', 'NonFiniteError', 'StepResult', 'to_host', 'Trainer', 'unwrap',
-           'default_callbacks', 'steady_throughput', 'to_device', 'lm_loss', 'lm_evaluate', 'lm_stage']
+           'default_callbacks', 'steady_throughput', 'to_device', 'lm_loss', 'lm_evaluate', 'stage_from_config',
+           'lm_stage']
 
 # %% ../nbs/11_trainer.ipynb #6371515e
 @dataclass
@@ -500,6 +501,15 @@ def lm_evaluate(model: nn.Module, loader, max_batches: int = 50) -> dict:
     return dict(loss=round(loss, 4), perplexity=round(math.exp(min(loss, 50)), 2), accuracy=round(correct / max(n, 1), 4),
                 targets=n)
 
+def stage_from_config(cfg: Config, name: str, default_trainable: list[str] | None = None, **parts) -> Stage:
+    "The Stage of `stages.<name>`: steps, lr, accumulation and what trains from it, else from the train section."
+    st = cfg.stages[name]
+    settings = dict(name=name, steps=st.steps or cfg.train.max_steps, lr=st.lr or cfg.train.lr,
+                    grad_accum=st.grad_accum or cfg.train.grad_accum,
+                    trainable=st.trainable or default_trainable or [],  # the stage kind's default; [] = all
+                    lr_scale=st.lr_scale)
+    return Stage(**{**settings, **parts})  # parts: loader, loss, count, evaluate... and any override
+
 def lm_stage(cfg: Config, name: str, **overrides) -> Stage:
     "A language-modelling Stage on stage `name`'s mixture (stages.<name> of the config)."
     st = cfg.stages[name]
@@ -507,10 +517,8 @@ def lm_stage(cfg: Config, name: str, **overrides) -> Stage:
     # validation reads in the main process: a val split has few shards per source, fewer than loader workers
     val = lambda model: lm_evaluate(model, build_loader(cfg, "val", st.mixture or None, batch_size=st.batch_size,
                                                          max_tokens=st.max_tokens, num_workers=0),
-                                    st.options.get("eval_batches", 20))
-    expert_dropout = st.options.get("expert_dropout")
+                                    st.options.eval_batches)
+    expert_dropout = getattr(st.options, "expert_dropout", None)
     setup = (lambda model: model.set_expert_dropout(expert_dropout)) if expert_dropout is not None else None
-    kw = dict(name=name, loader=loader, loss=lm_loss, count=count_targets, steps=st.steps or cfg.train.max_steps,
-              lr=st.lr or cfg.train.lr, grad_accum=st.grad_accum or cfg.train.grad_accum, trainable=st.trainable, lr_scale=st.lr_scale,
-              evaluate=val, setup=setup, flops=model_flops, tokens=count_tokens)
-    return Stage(**{**kw, **overrides})
+    return stage_from_config(cfg, name, **{**dict(loader=loader, loss=lm_loss, count=count_targets, evaluate=val,
+                                                   setup=setup, flops=model_flops, tokens=count_tokens), **overrides})

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from r1_scratch.config import (PRESETS, Config, ConfigError, ModelConfig, apply_overrides,
-                               config_from_dict, config_to_dict, get_preset, load_config, save_config)
+from r1_scratch.config import (PRESETS, STAGE_OPTIONS, AlignOptions, Config, ConfigError, ModelConfig,
+                               PretrainOptions, SFTOptions, StageConfig, apply_overrides, config_from_dict,
+                               config_to_dict, default_stages, get_preset, load_config, save_config)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,6 +31,11 @@ def error_of(*items, preset="tiny") -> str:
     ("data.mixtures={vqa: 1}", "unknown key data.mixtures; did you mean data.mixture?"),
     ("stages.sft.stepz=3", "unknown key stages.sft.stepz; did you mean stages.sft.steps?"),
     ("stages.sfft.steps=3", "unknown key stages.sfft; did you mean stages.sft?"),
+    ("stages.sft.options.expert_dropot=0.3", "unknown key stages.sft.options.expert_dropot; did you mean "
+                                             "stages.sft.options.expert_dropout?"),
+    ("stages.align.options={temprature: 0.2}", "did you mean stages.align.options.temperature or"),
+    ("stages.pretrain.options.expert_dropout=0.3", "unknown key stages.pretrain.options.expert_dropout; known in "
+                                                   "stages.pretrain.options: masking,"),
     ("model.zzz=1", "unknown key model.zzz; known in model: depth, d_model,"),
 ])
 def test_unknown_keys_are_named_with_suggestions(item, message):
@@ -48,6 +54,10 @@ def test_unknown_keys_are_named_with_suggestions(item, message):
     ("train.betas=[0.9]", "train.betas: expected tuple[float, float], got list [0.9]"),
     ("stages.sft.trainable=decoder", "stages.sft.trainable: expected list[str], got str 'decoder'"),
     ("stages.sft.steps=ten", "stages.sft.steps: expected int or None, got str 'ten'"),
+    ("stages.sft.options.answer_samples=many", "stages.sft.options.answer_samples: expected int, got str 'many'"),
+    ("stages.align.options.hard_negatives=1", "stages.align.options.hard_negatives: expected bool, got int 1"),
+    ("stages.align.options.swap_words=[circle, square]", "stages.align.options.swap_words: expected list[list[str]]"),
+    ("stages.sft.options=3", "stages.sft.options: expected a mapping, got int 3"),
 ])
 def test_wrong_types_are_named(item, message):
     assert message in error_of(item)
@@ -59,6 +69,9 @@ def test_wrong_types_are_named(item, message):
     ("model.moe_kind=switch", "model.moe_kind: expected one of 'article', 'deepseek', got 'switch'"),
     ("model.router=deep", "model.router: expected one of 'mlp', 'linear', got 'deep'"),
     ("model.position_bias=rope", "model.position_bias: expected one of 't5', 'alibi', 'learned', got 'rope'"),
+    ("stages.sft.options.loss_average=tokens", "stages.sft.options.loss_average: expected one of 'answer', 'token'"),
+    ("stages.pretrain.options.weighting=equal", "stages.pretrain.options.weighting: expected one of 'uncertainty', "
+                                                "'sum', got 'equal'"),
 ])
 def test_bad_choices_are_named(item, message):
     assert message in error_of(item)
@@ -126,6 +139,21 @@ def test_direct_construction_and_mutation_are_checked():
         Config(cfg.model, cfg.data, cfg.train, cfg.stages)
 
 
+def test_stage_options_are_typed_per_stage():
+    tiny = get_preset("tiny")
+    assert [type(st.options) for st in tiny.stages.values()] == [PretrainOptions, AlignOptions, SFTOptions]
+    assert list(STAGE_OPTIONS) == list(tiny.stages)
+    with pytest.raises(ConfigError, match="stages.sft.options: expected SFTOptions, got AlignOptions"):
+        Config(stages={**default_stages(), "sft": StageConfig(options=AlignOptions())})
+    with pytest.raises(ConfigError, match=r"stages.sft.options.expert_dropout=1.5 is out of range"):
+        apply_overrides(tiny, ["stages.sft.options.expert_dropout=1.5"])
+    with pytest.raises(ConfigError, match="stages.align.options.temperature must be positive"):
+        apply_overrides(tiny, ["stages.align.options.temperature=0"])
+    cfg = apply_overrides(tiny, ["stages.sft.options={eval_batches: 2}"])  # a mapping merges key by key
+    assert cfg.stages["sft"].options == SFTOptions(expert_dropout=0.3, eval_batches=2)
+    assert StageConfig().options is None and Config(stages={"sft": StageConfig()}).stages["sft"].options == SFTOptions()
+
+
 # --- derivation from depth ----------------------------------------------------------------------------------------
 
 def test_presets_have_the_documented_sizes():
@@ -173,7 +201,8 @@ def test_overrides_parse_yaml_values():
     assert cfg.data.mixture == {"vqa": 0.5, "text": 0.5} and cfg.data.max_tokens is None
     assert cfg.train.compile is True and cfg.train.betas == (0.8, 0.9) and cfg.train.run_name == "my run"
     assert cfg.stages["sft"].steps == 20 and cfg.stages["pretrain"].trainable == ["text", "vision"]
-    assert cfg.stages["align"].options == {**get_preset("tiny").stages["align"].options, "temperature": 0.07}  # one key changed
+    before = get_preset("tiny").stages["align"].options
+    assert cfg.stages["align"].options == dataclasses.replace(before, temperature=0.07)  # one key changed
     assert cfg.stages["pretrain"].steps == get_preset("tiny").stages["pretrain"].steps == 100  # untouched: the preset's
 
 

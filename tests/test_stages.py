@@ -198,8 +198,10 @@ def test_retrieval_counts_any_item_of_the_same_class_as_correct(cfg, model):
 
 
 def test_sft_loss_average_is_checked(cfg):
-    with pytest.raises(ValueError, match="loss_average must be one of"):
-        sft_stage(apply_overrides(cfg, ["stages.sft.options.loss_average=tokens"]))
+    with pytest.raises(ValueError, match="stages.sft.options.loss_average: expected one of 'answer', 'token'"):
+        sft_stage(apply_overrides(cfg, ["stages.sft.options.loss_average=tokens"]))  # the config refuses it
+    token = sft_stage(apply_overrides(cfg, ["stages.sft.options.loss_average=token"]))
+    assert token.count is not sft_stage(cfg).count                  # tokens, not answers, weigh the loss
 
 
 def test_uniformity_prefers_spread_embeddings():
