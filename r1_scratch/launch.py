@@ -122,8 +122,8 @@ def write_report(cfg: Config, summaries: list[dict], run_dir: Path, rt: Runtime,
                      f"{cell('last_loss')} | {s.get('seconds', 0) / 60:.1f} | {cell('steady_targets_per_s', '{:.0f}')} | "
                      f"{cell('data_wait_share', '{:.0%}')} | {skipped} |")
     lines += ["", "Validation (held-out shards):", ""] + [f"- **{s['stage']}**: {validation_line(s)}" for s in summaries]
-    lines += [""] + [f"![{s['stage']}]({s['stage']}/training.png)" for s in summaries
-                     if (run_dir / s["stage"] / "training.png").exists()]
+    for s in [s for s in summaries if (run_dir / s["stage"] / "training.png").exists()]:  # 800 px: readable
+        lines += ["", f"### {s['stage']}", "", f'<img src="{s["stage"]}/training.png" width="800" alt="{s["stage"]}">']
     text = "\n".join(lines) + "\n"
     (run_dir / "report.md").write_text(text)
     return text

@@ -129,6 +129,7 @@ def sft_evaluate(model, cfg: Config, name: str = "sft", max_samples: int = 64) -
 def sft_stage(cfg: Config, name: str = "sft", **overrides) -> Stage:
     "Stage 3 on the config's `stages.<name>`: instruction tuning, evaluated by answers as well as by loss."
     options = cfg.stages[name].options  # SFTOptions: loss_average is 'answer' or 'token', checked by the config
-    loss = dict(loss=partial(lm_loss, reduce=answer_loss_sum), count=count_answers) if options.loss_average == "answer" else {}
+    per_answer = dict(loss=partial(lm_loss, reduce=answer_loss_sum), count=count_answers)
+    loss = per_answer if options.loss_average == "answer" else {}
     evaluate = partial(sft_evaluate, cfg=cfg, name=name, max_samples=options.answer_samples)
     return lm_stage(cfg, name, **{"evaluate": evaluate, **loss, **overrides})

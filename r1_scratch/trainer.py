@@ -33,11 +33,11 @@ from .runtime import Runtime, autocast, barrier, local_runtime, model_device, pe
 log = logging.getLogger("r1_scratch.trainer")
 
 # %% auto #0
-__all__ = ['log', 'Stage', 'set_trainable', 'lr_multiplier', 'tied_multiplier', 'make_optimizer', 'lr_lambda', 'CheckpointError',
-           'check_compatible', 'save_weights', 'load_weights', 'Checkpoints', 'Callback', 'Progress', 'JsonLines',
-           'WandB', 'Plots', 'plot_metrics', 'NonFiniteError', 'StepResult', 'to_host', 'Trainer', 'unwrap',
-           'default_callbacks', 'steady_throughput', 'to_device', 'lm_loss', 'lm_evaluate', 'stage_from_config',
-           'lm_stage']
+__all__ = ['log', 'CURVES', 'Stage', 'set_trainable', 'lr_multiplier', 'tied_multiplier', 'make_optimizer', 'lr_lambda',
+           'CheckpointError', 'check_compatible', 'save_weights', 'load_weights', 'Checkpoints', 'Callback', 'Progress',
+           'JsonLines', 'WandB', 'Plots', 'scores_and_bars', 'plot_curve', 'plot_bars', 'plot_metrics',
+           'NonFiniteError', 'StepResult', 'to_host', 'Trainer', 'unwrap', 'default_callbacks', 'steady_throughput',
+           'to_device', 'lm_loss', 'lm_evaluate', 'stage_from_config', 'lm_stage']
 
 # %% ../nbs/11_trainer.ipynb #6371515e
 @dataclass
@@ -251,23 +251,68 @@ class WandB(Callback):
         if self.run: self.run.summary.update(summary); self.run.finish()
 
 class Plots(Callback):
-    "loss / lr / grad-norm curves as run_dir/training.png at the end."
+    "A small grid of the run's curves and validation scores as run_dir/training.png at the end."
     def on_end(self, trainer, summary):
         rows = [json.loads(l) for l in (trainer.run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
         if not rows: return
         plot_metrics(rows, trainer.run_dir / "training.png", title=f"{trainer.run_dir.parent.name} · {trainer.stage.name}")
 
+CURVES = {"loss": "loss (per target)", "lr": "learning rate", "grad_norm": "gradient norm (before clipping)",
+          "moe_imbalance": "MoE imbalance (busiest expert / mean)"}
+
+def scores_and_bars(row: dict) -> list[tuple[str, float, float]]:
+    "(name, score, what guessing scores) for each validation score of `row` that has a blind or chance bar."
+    out = []
+    for key, value in row.items():
+        if key.endswith("_accuracy") and f"{key[:-9]}_blind" in row:  # an answer task beside its blind guesser
+            out.append((key[4:-9], value, row[f"{key[:-9]}_blind"]))
+        elif key.endswith(("_t2x_R@1", "_x2t_R@1")):  # retrieval beside picking a caption at random
+            kind = key[4:].split("_")[0]
+            out.append((key[4:-4] + " R@1", value, row.get(f"val_{kind}_chance_R@1")))
+        elif key.endswith("_own_caption"):  # its caption or the one-word-swapped twin: a coin flip
+            out.append((key[4:], value, 0.5))
+    return [(n, v, b) for n, v, b in out if isinstance(v, (int, float)) and isinstance(b, (int, float))]
+
+def plot_curve(ax, rows: list[dict], key: str):
+    "One metric against step; the loss panel also draws the validation loss."
+    points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    ax.plot(*zip(*points), "-o" if len(points) < 20 else "-", ms=3, label="train")
+    val = [(r["step"], r["val_loss"]) for r in rows if key == "loss" and isinstance(r.get("val_loss"), (int, float))]
+    if val:
+        ax.plot(*zip(*val), "s--", ms=4, label="validation")
+        ax.legend(fontsize=8)
+    values = [v for _, v in points + val if v > 0]
+    if key in ("loss", "grad_norm") and values and max(values) > 10 * min(values): ax.set_yscale("log")  # decades
+    ax.set(title=CURVES[key], xlabel="step")
+
+def plot_bars(ax, scores: list[tuple[str, float, float]], step: int):
+    "The last validation scores as bars, each beside the bar a blind guesser (or chance) reaches."
+    x = range(len(scores))
+    ax.bar([i - 0.2 for i in x], [s for _, s, _ in scores], 0.4, label="model")
+    ax.bar([i + 0.2 for i in x], [b for _, _, b in scores], 0.4, color="lightgray", label="blind / chance")
+    ax.set_xticks(list(x), [n for n, _, _ in scores], rotation=20, ha="right", fontsize=8)
+    ax.set(title=f"validation at step {step}", ylim=(0, 1))
+    ax.legend(fontsize=8)
+
 def plot_metrics(rows: list[dict], path: str | os.PathLike, title: str = ""):
-    "Plot every numeric training metric against step into one PNG."
-    import matplotlib; matplotlib.use("Agg", force=False)
+    "The curves that matter and the last validation scores beside their blind bars, as a small grid in one PNG."
+    import matplotlib
+    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    keys = [k for k in ("loss", "lr", "grad_norm", "moe_imbalance") if any(k in r for r in rows)]
-    keys += sorted({k for r in rows for k, v in r.items() if k.startswith("val_") and isinstance(v, (int, float))})
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot(*zip(*points), "-o" if len(points) < 20 else "-", ms=3); ax.set_title(key); ax.set_xlabel("step")
-    fig.suptitle(title); fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+    keys = [k for k in CURVES if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    evaluated = [r for r in rows if scores_and_bars(r)]
+    panels = len(keys) + bool(evaluated)
+    cols = min(panels, 3)
+    fig, axes = plt.subplots(math.ceil(panels / cols), cols, figsize=(4.4 * cols, 3.3 * math.ceil(panels / cols)),
+                             squeeze=False)
+    for ax, key in zip(axes.flat, keys): plot_curve(ax, rows, key)
+    if evaluated: plot_bars(axes.flat[len(keys)], scores_and_bars(evaluated[-1]), evaluated[-1]["step"])
+    for ax in list(axes.flat)[panels:]: ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
 
 # %% ../nbs/11_trainer.ipynb #ace1c332
 class NonFiniteError(FloatingPointError):
