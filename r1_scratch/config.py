@@ -84,8 +84,11 @@ def derived_sizes(depth: int, head_dim: int = 64, ffn_multiple_of: int = 64,
                   ) -> dict:
     "The sizes that follow from `depth` (and from `d_model` when it is set)."
     width = d_model or 64 * depth
+    # MLA (09_mla): DeepSeek-V2's d_c = 4 d_h and d_h^R = d_h / 2; its query latent 1536 of 5120 = 0.3 of the width
     return dict(d_model=64 * depth, n_layers=depth, text_layers=depth, vision_layers=depth, audio_layers=depth,
-                n_heads=max(1, width // head_dim), expert_hidden=round_up(8 / 3 * width, ffn_multiple_of))
+                n_heads=max(1, width // head_dim), expert_hidden=round_up(8 / 3 * width, ffn_multiple_of),
+                q_lora_rank=round_up(0.3 * width, head_dim), kv_lora_rank=4 * head_dim, qk_nope_head_dim=head_dim,
+                qk_rope_head_dim=max(2, head_dim // 2), v_head_dim=head_dim)
 
 # %% ../nbs/00_config.ipynb #e875bd8b
 @dataclass
@@ -135,6 +138,13 @@ class ModelConfig:
     rel_max_distance: int = 128
     dropout: float = 0.0
     qk_norm: bool = False                # decoder attention: RMS-normalise each head's queries and keys (03_layers)
+    attention: Literal["mha", "mla"] = "mha"  # decoder self-attention: multi-head or multi-head latent (09_mla)
+    q_lora_rank: Optional[int] = None    # MLA query latent: 0.3 d_model rounded up to head_dim; 0 = no compression
+    kv_lora_rank: Optional[int] = None   # MLA key/value latent d_c, what the cache keeps: 4 head_dim
+    qk_nope_head_dim: Optional[int] = None  # MLA per-head query/key part without position: head_dim
+    qk_rope_head_dim: Optional[int] = None  # MLA rotary part, one key shared by the heads: head_dim / 2
+    v_head_dim: Optional[int] = None     # MLA value head: head_dim
+    rope_theta: float = 10000.0          # MLA's rotary base
     expert_dropout: float = 0.0
     tie_embeddings: bool = True
 
@@ -173,7 +183,8 @@ def check_model(m: ModelConfig) -> ModelConfig:
     check_fields(m, "model")
     for name in derived_sizes(1):  # the derived fields' names
         _require(getattr(m, name) is not None, f"model.{name} is None: build a new ModelConfig to derive it")
-    _check_counts(m, "model", may_be_zero=("audio_conv_layers", "n_shared_experts", "n_dense_layers"))
+    _check_counts(m, "model", may_be_zero=("audio_conv_layers", "n_shared_experts", "n_dense_layers",
+                                                  "q_lora_rank"))
     if m.d_model % m.n_heads: raise ConfigError(f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}")
     _require(m.n_heads * m.head_dim == m.d_model,
              f"model.n_heads={m.n_heads} x model.head_dim={m.head_dim} = {m.n_heads * m.head_dim} but "
@@ -199,6 +210,8 @@ def check_model(m: ModelConfig) -> ModelConfig:
              f"model.n_groups={m.n_groups} must divide model.n_experts={m.n_experts} and model.top_groups={m.top_groups} <= n_groups")
     _require(m.n_dense_layers <= m.n_layers, f"model.n_dense_layers={m.n_dense_layers} exceeds model.n_layers={m.n_layers}")
     _require(m.hop_length <= m.n_fft, f"model.hop_length={m.hop_length} exceeds model.n_fft={m.n_fft}: frames would skip samples")
+    _require(m.qk_rope_head_dim % 2 == 0, f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even: RoPE turns pairs")
+    _require(m.rope_theta > 1, f"model.rope_theta must be > 1, got {m.rope_theta}")
     for name in ("balance_weight", "z_weight", "bias_rate"):
         _require(getattr(m, name) >= 0, f"model.{name} must be >= 0, got {getattr(m, name)}")
     for name in ("dropout", "expert_dropout"):

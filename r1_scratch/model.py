@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .fusion import MODALITY_IDS, DecoderInputs, MultiModalEncoder
-from .layers import MLP, EncoderOutput, MultiHeadAttention, RMSNorm, init_weights
+from .layers import MLP, EncoderOutput, RMSNorm, init_weights
+from .mla import MultiHeadLatentAttention, make_attention
 from .moe import MoELayer, article_expert_modalities, article_families, real_tokens, sequence_complexity
 from .text import MaskedLMHead
 
@@ -39,18 +40,20 @@ class TokenInfo:
     modality: torch.Tensor
     complexity: torch.Tensor
     keep: torch.Tensor | None = None  # valid's flat indices, found once for every MoE layer (real_tokens, 08_moe)
+    positions: torch.Tensor | None = None  # (B, L) each token's place among the real ones: RoPE's angle (09_mla)
 
 class DecoderBlock(nn.Module):
     "Pre-norm block: x + attn(norm(x)) under a (B, Lq, Lk) mask, then x + ffn(norm(x)), the FFN dense or MoE."
     def __init__(self, m: ModelConfig, moe: bool):
         super().__init__()
-        self.norm1, self.attn = RMSNorm(m.d_model), MultiHeadAttention(m.d_model, m.n_heads, m.dropout, qk_norm=m.qk_norm)
+        self.norm1, self.attn = RMSNorm(m.d_model), make_attention(m)  # model.attention: mha | mla (09_mla)
         self.norm2 = RMSNorm(m.d_model)
         self.ffn = make_moe(m) if moe else MLP(m.d_model, m.top_k * m.expert_hidden, "swiglu", m.dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, info: TokenInfo, past_kv=None):
         "-> (x, aux dict or None, (k, v))."
-        h, kv = self.attn(self.norm1(x), attn_mask=attn_mask, past_kv=past_kv, return_kv=True)
+        rotary = dict(positions=info.positions) if isinstance(self.attn, MultiHeadLatentAttention) else {}
+        h, kv = self.attn(self.norm1(x), attn_mask=attn_mask, past_kv=past_kv, return_kv=True, **rotary)
         x = x + h
         if isinstance(self.ffn, MoELayer):
             y, aux = self.ffn(self.norm2(x), info.valid, info.modality, info.complexity, keep=info.keep)
@@ -120,7 +123,8 @@ class R1Model(nn.Module):
         seq, mask = self.inputs(image, audio, batch["input_ids"], batch["attention_mask"])
         codes = self.inputs.sequence_codes(seq, image.tokens.shape[1])  # positions count real tokens; image: see 07_fusion
         x = seq.embeds + codes.to(seq.embeds.dtype)
-        info = TokenInfo(seq.valid, seq.modality, sequence_complexity(seq.valid, self.max_len), real_tokens(seq.valid))
+        info = TokenInfo(seq.valid, seq.modality, sequence_complexity(seq.valid, self.max_len), real_tokens(seq.valid),
+                         seq.positions)
         balance = z = x.new_zeros((), dtype=torch.float32)
         kv = []
         for block in self.blocks:
@@ -199,7 +203,7 @@ def generate(model: R1Model, batch: dict, max_new_tokens: int = 32, temperature:
         x = model.inputs.token_embedding(token)[:, None] + model.inputs.modality_embedding(text_id)
         x = x + model.inputs.position_codes(position[:, None], valid.shape[1] + 1).to(x.dtype)
         valid = torch.cat([valid, torch.ones_like(valid[:, :1])], 1)
-        info = TokenInfo(torch.ones_like(text_id, dtype=torch.bool), text_id, complexity)
+        info = TokenInfo(torch.ones_like(text_id, dtype=torch.bool), text_id, complexity, positions=position[:, None])
         for i, block in enumerate(model.blocks): x, _, kv[i] = block(x, valid[:, None, :], info, past_kv=kv[i])
         logits, position = model.lm_head(model.norm(x[:, -1])), position + 1
     return _trim(torch.stack(new, 1), eos_id)
