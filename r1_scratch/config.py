@@ -326,7 +326,7 @@ def check_stage(st: StageConfig, where: str, data: DataConfig) -> StageConfig:
 SHAPE_WORDS = ("circle", "square", "triangle", "star", "cross", "diamond")  # the bundled scenes' shapes (02_samples)
 
 def default_stages() -> dict[str, StageConfig]:
-    "The article's three stages: unimodal pretraining, contrastive alignment, instruction tuning."
+    "The article's three stages (unimodal pretraining, contrastive alignment, instruction tuning), then GRPO."
     return {
         "pretrain": StageConfig(mixture={"text": 0.4, "scenes": 0.3, "digits": 0.1, "speech": 0.2},
                                 options={"masking": 0.15, "image_mask": 0.5, "audio_mask": 0.5, "weighting": "uncertainty"}),
@@ -336,6 +336,9 @@ def default_stages() -> dict[str, StageConfig]:
         "sft": StageConfig(mixture={"instruct": 0.6, "reasoning": 0.2, "vqa": 0.15, "audio_qa": 0.05},
                            grad_accum=4, max_tokens=2048, batch_size=64, options={"expert_dropout": 0.3, "answer_samples": 64, "loss_average": "answer"},
                            trainable=["inputs", "blocks", "norm", "lm_head"]),  # encoders frozen, as LLaVA does
+        # beyond the article: reinforcement learning on checkable problems (16_stage4_grpo); run it with --stages grpo
+        "grpo": StageConfig(enabled=False, mixture={"reasoning": 1.0}, batch_size=8, grad_accum=1, lr=1e-5,
+                            trainable=["inputs", "blocks", "norm", "lm_head"], options={}),  # options: grpo.GRPO_OPTIONS
     }
 
 # %% ../nbs/00_config.ipynb #166e80a1
