@@ -24,10 +24,10 @@ from fastcore.script import Param, call_parse
 # %% auto #0
 __all__ = ['STAGE_OPTIONS', 'SHAPE_WORDS', 'PRESETS', 'ConfigError', 'check_fields', 'round_up', 'derived_sizes', 'ModelConfig',
            'check_model', 'DataConfig', 'check_mixture', 'check_data', 'TrainConfig', 'check_train', 'DistConfig',
-           'check_dist', 'PretrainOptions', 'AlignOptions', 'SFTOptions', 'check_options', 'StageConfig', 'check_stage',
-           'default_stages', 'Config', 'validate', 'config_from_dict', 'stage_config', 'config_to_dict', 'get_preset',
-           'with_data_root', 'YamlLoader', 'read_yaml', 'parse_override', 'apply_overrides', 'save_config',
-           'load_config', 'main']
+           'check_dist', 'PretrainOptions', 'AlignOptions', 'SFTOptions', 'GRPOOptions', 'check_options', 'StageConfig',
+           'check_stage', 'default_stages', 'Config', 'validate', 'config_from_dict', 'stage_config', 'config_to_dict',
+           'get_preset', 'with_data_root', 'YamlLoader', 'read_yaml', 'parse_override', 'apply_overrides',
+           'save_config', 'load_config', 'main']
 
 # %% ../nbs/00_config.ipynb #fc9aba4c
 class ConfigError(ValueError):
@@ -336,7 +336,24 @@ class SFTOptions:
     loss_average: Literal["answer", "token"] = "answer"  # each answer weighs the same, or each token
     eval_batches: int = 20               # validation batches for the LM loss
 
-STAGE_OPTIONS = {"pretrain": PretrainOptions, "align": AlignOptions, "sft": SFTOptions}  # stage name -> its options
+@dataclass
+class GRPOOptions:
+    "Stage 4's knobs (16_stage4_grpo, beyond the article)."
+    group_size: int = 8                  # G answers sampled per prompt
+    temperature: float = 1.0             # sampling temperature of the rollouts
+    max_new_tokens: int = 120            # answer budget (and Dr. GRPO's constant denominator)
+    format_weight: float = 0.1           # reward for the <think>…</think> format, next to 1 for a correct answer
+    beta: float = 0.04                   # KL penalty to the frozen reference (DeepSeekMath: 0.04; DAPO and Dr. GRPO: 0)
+    clip_low: float = 0.2                # ratio clipped below at 1 - clip_low
+    clip_high: float = 0.2               # ... and above at 1 + clip_high (DAPO's clip-higher: 0.28)
+    scale_rewards: bool = True           # divide advantages by the group's std (Dr. GRPO: False)
+    loss_average: Literal["token", "sequence", "constant"] = "token"  # sequence: GRPO's 1/|o_i|; constant: Dr. GRPO
+    dynamic_sampling: bool = False       # DAPO: learn only from groups whose rewards differ
+    updates_per_rollout: int = 2         # optimizer steps on one rollout (mu); the ratio moves off 1 from the second on
+    answer_samples: int = 64             # held-out problems scored at evaluation
+
+STAGE_OPTIONS = {"pretrain": PretrainOptions, "align": AlignOptions, "sft": SFTOptions,  # stage name -> its options
+                 "grpo": GRPOOptions}
 
 def check_options(o, where: str):
     "Types and ranges of a stage's options (`where` is e.g. 'stages.sft.options')."
@@ -386,7 +403,7 @@ def check_stage(st: StageConfig, where: str, data: DataConfig) -> StageConfig:
 SHAPE_WORDS = ("circle", "square", "triangle", "star", "cross", "diamond")  # the bundled scenes' shapes (02_samples)
 
 def default_stages() -> dict[str, StageConfig]:
-    "The article's three stages: unimodal pretraining, contrastive alignment, instruction tuning."
+    "The article's three stages (unimodal pretraining, contrastive alignment, instruction tuning), then GRPO."
     return {
         "pretrain": StageConfig(mixture={"text": 0.4, "scenes": 0.3, "digits": 0.1, "speech": 0.2},
                                 options=PretrainOptions()),
@@ -395,6 +412,9 @@ def default_stages() -> dict[str, StageConfig]:
         "sft": StageConfig(mixture={"instruct": 0.6, "reasoning": 0.2, "vqa": 0.15, "audio_qa": 0.05},
                            grad_accum=4, max_tokens=2048, batch_size=64, options=SFTOptions(expert_dropout=0.3),
                            trainable=["inputs", "blocks", "norm", "lm_head"]),  # encoders frozen, as LLaVA does
+        # beyond the article: reinforcement learning on checkable problems (16_stage4_grpo); run it with --stages grpo
+        "grpo": StageConfig(enabled=False, mixture={"reasoning": 1.0}, batch_size=8, grad_accum=1, lr=1e-5,
+                            trainable=["inputs", "blocks", "norm", "lm_head"], options=GRPOOptions()),
     }
 
 # %% ../nbs/00_config.ipynb #166e80a1

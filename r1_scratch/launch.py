@@ -30,15 +30,17 @@ from .data import TextTokenizer, expand_shards
 from .pretrain import pretrain_evaluate, pretrain_options, pretrain_stage
 from .align import align_evaluate, align_stage, config_swaps
 from .sft import QA_TASKS, answer_accuracy, sft_stage
+from .grpo import RL_COLUMNS, grpo_stage, rl_columns
 
 log = logging.getLogger("r1_scratch.launch")
 
 # %% auto #0
-__all__ = ['log', 'STAGES', 'select_stages', 'resolve_config', 'run_stages', 'validation_line', 'write_report', 'find_checkpoint',
-           'val_sources', 'evaluate_model', 'evaluate_checkpoint', 'consolidate_checkpoint', 'parse_args', 'main']
+__all__ = ['log', 'STAGES', 'select_stages', 'resolve_config', 'run_stages', 'validation_line', 'rl_table', 'write_report',
+           'find_checkpoint', 'val_sources', 'evaluate_model', 'evaluate_checkpoint', 'consolidate_checkpoint',
+           'parse_args', 'main']
 
 # %% ../nbs/21_launch.ipynb #222adaf6
-STAGES = {"pretrain": pretrain_stage, "align": align_stage, "sft": sft_stage}
+STAGES = {"pretrain": pretrain_stage, "align": align_stage, "sft": sft_stage, "grpo": grpo_stage}
 
 def select_stages(cfg: Config, requested: list[str] | None) -> list[str]:
     "The stages to run, in config order: the requested ones, or every enabled one that is registered."
@@ -108,6 +110,21 @@ def validation_line(summary: dict) -> str:
     parts += [f"{k} {v:.3f}" for k, v in val.items() if k not in shown and k not in ("targets", "perplexity")]
     return "; ".join(parts) or "-"
 
+def rl_table(summaries: list[dict], run_dir: Path) -> list[str]:
+    "Report lines for the reinforcement-learning stages: their training columns and held-out accuracy ([] if none)."
+    rows = []
+    for s in summaries:
+        path = run_dir / s["stage"] / "metrics.jsonl"
+        found = rl_columns(path) if path.exists() else {}
+        if not found: continue
+        cells = " | ".join(f"{found[k]:.3f}" if k in found else "-" for k in RL_COLUMNS)
+        held_out = f"{s['val_accuracy']:.3f}" if isinstance(s.get("val_accuracy"), (int, float)) else "-"
+        rows.append(f"| {s['stage']} | {cells} | {held_out} |")
+    if not rows: return []
+    return ["", "Reinforcement learning (training means over the last quarter of the steps; held-out greedy accuracy):",
+            "", "| stage | " + " | ".join(k.replace("_", " ") for k in RL_COLUMNS) + " | held-out accuracy |",
+            "|---|" + "---|" * (len(RL_COLUMNS) + 1), *rows]
+
 def write_report(cfg: Config, summaries: list[dict], run_dir: Path, rt: Runtime, seconds: float) -> str:
     "report.md for the run (and its text)."
     lines = [f"# Run `{run_dir.name}`", "",
@@ -121,6 +138,7 @@ def write_report(cfg: Config, summaries: list[dict], run_dir: Path, rt: Runtime,
         lines.append(f"| {s['stage']}{' (reused)' if s.get('reused') else ''} | {s['steps']} | {cell('first_loss')} | "
                      f"{cell('last_loss')} | {s.get('seconds', 0) / 60:.1f} | {cell('steady_targets_per_s', '{:.0f}')} | "
                      f"{cell('data_wait_share', '{:.0%}')} | {skipped} |")
+    lines += rl_table(summaries, run_dir)
     lines += ["", "Validation (held-out shards):", ""] + [f"- **{s['stage']}**: {validation_line(s)}" for s in summaries]
     for s in [s for s in summaries if (run_dir / s["stage"] / "training.png").exists()]:  # 800 px: readable
         lines += ["", f"### {s['stage']}", "", f'<img src="{s["stage"]}/training.png" width="800" alt="{s["stage"]}">']

@@ -461,8 +461,8 @@ class Trainer:
     def fit(self, resume: bool = True, stop_at: int | None = None) -> dict:
         "Train to stage.steps, or stop (with a checkpoint) after step `stop_at`; from the latest checkpoint if `resume`."
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.stage.setup: self.stage.setup(self.module)  # before resume: it sees the weights the stage starts from
         if resume: self.resume()
-        if self.stage.setup: self.stage.setup(self.module)
         self.model.train()
         for cb in self.callbacks: cb.on_start(self)
         it, t_start, start_step, targets = iter(self.stage.loader), time.perf_counter(), self.step, 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from r1_scratch.config import (PRESETS, STAGE_OPTIONS, AlignOptions, Config, ConfigError, ModelConfig,
+from r1_scratch.config import (PRESETS, STAGE_OPTIONS, AlignOptions, Config, GRPOOptions, ConfigError, ModelConfig,
                                PretrainOptions, SFTOptions, StageConfig, apply_overrides, config_from_dict,
                                config_to_dict, default_stages, get_preset, load_config, save_config)
 
@@ -141,7 +141,7 @@ def test_direct_construction_and_mutation_are_checked():
 
 def test_stage_options_are_typed_per_stage():
     tiny = get_preset("tiny")
-    assert [type(st.options) for st in tiny.stages.values()] == [PretrainOptions, AlignOptions, SFTOptions]
+    assert [type(st.options) for st in tiny.stages.values()] == [PretrainOptions, AlignOptions, SFTOptions, GRPOOptions]
     assert list(STAGE_OPTIONS) == list(tiny.stages)
     with pytest.raises(ConfigError, match="stages.sft.options: expected SFTOptions, got AlignOptions"):
         Config(stages={**default_stages(), "sft": StageConfig(options=AlignOptions())})
