@@ -3,10 +3,10 @@ evaluation entry point on the validation split: what `small` reaches on one GPU.
 
     python bench/stages_gpu.py [--preset small] [--gpus 1] [--scale K] [--val-draws K [--score-checkpoints]] [--out FILE] [key=value ...]
 
-Two variants side by side on a 2-GPU machine: grow the data once (--grow-only), then start each run with its own
+Two runs side by side on a 2-GPU machine: grow the data once (--grow-only), then start each run with its own
 CUDA_VISIBLE_DEVICES, --runs and --out (and --detach); a complete growth of the same scale in --data is reused.
-Stage-3 variants on one shared stage 1-2: train `--stages pretrain align` once (no evaluation without stage 3), copy
-<runs>/stages-<preset> into each variant's --runs, and start each with --resume: its JSON marks the stages it reused.
+Several stage-3 settings on one shared stage 1-2: train `--stages pretrain align` once (no evaluation without stage 3), copy
+<runs>/stages-<preset> into each one's --runs, and start each with --resume: its JSON marks the stages it reused.
 
 --scale K first generates K independent draws of the bundled train split with the course's own generator (seeds
 0..K-1, so K times the records, 4K shards per source) into --data, in parallel on every core, and trains on that:
@@ -17,7 +17,7 @@ file, fetched elsewhere with `pip download espeakng-loader==0.2.4`). Without it 
 complete growth with speech (a --grow-only call where the library loads) is reused by later calls without it, not
 regrown.
 
-Targets (issue 6): retrieval R@1 >= 0.9 both ways, visual QA >= 0.9, audio QA >= 0.8, in a run of about 20 min.
+Targets: retrieval R@1 >= 0.9 both ways, visual QA >= 0.9, audio QA >= 0.8, in a run of about 20 min.
 The JSON holds the exact command, the wall time of each stage, each stage's summary and the evaluation; it is
 written after training and again after the evaluation. Where stage 3 trains an encoder, each retrieval target also
 gets the final model's R@1 (`reached_final_model`). --train-answers also scores up to 64 questions per task of the
@@ -232,8 +232,9 @@ def main():
            "train.wandb=disabled", *data, *args.overrides]
     env = {**os.environ, "R1_NO_PROGRESS": "1"}
     run = Path(args.runs) / name
-    result = dict(command=" ".join(["python", *sys.argv]), launch=" ".join(cmd[2:]), preset=args.preset, gpus=args.gpus,
-                  scale=args.scale, train_records=grown, grow_seconds=grow_seconds)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = dict(command=" ".join(["python", *sys.argv]), commit=commit or None, launch=" ".join(cmd[2:]),
+                  preset=args.preset, gpus=args.gpus, scale=args.scale, train_records=grown, grow_seconds=grow_seconds)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     def save_checkpoint_scores(scores):
         result["checkpoints"] = dict(shards=questions, scores=scores)

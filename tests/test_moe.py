@@ -137,7 +137,7 @@ def test_load_by_modality_and_entropy():
     assert imbalance(r, 4).item() == pytest.approx(2 / 1.5)
 
 
-# --- families, counting sort, group-limited routing, step statistics (issue 4, part 2) ---
+# --- families, counting sort, group-limited routing, step statistics ---
 import os
 import torch.distributed as dist
 import torch.multiprocessing as mp

@@ -1,6 +1,6 @@
 """Can the tiny preset's vision encoder see what visual QA asks about, and does its decoder read it? CPU, ~5 min.
 
-    python bench/tiny_vision_probe.py [--run runs/tiny] [--out bench/results/tiny_vision_probe_cpu.json]
+    python research/2026-11-29-tiny-visual-qa/tiny_vision_probe.py [--run runs/tiny] [--out research/2026-11-29-tiny-visual-qa/tiny_vision_probe_cpu.json]
 
 Why: the tiny launch's visual QA stays near the blind guesser, and "what shape is ..." is answered right almost
 never, also when stage 3 sees nothing but QA. Two measurements on scenes of one shape drawn by the course's own
@@ -158,11 +158,11 @@ def decoder_reads(run: Path) -> dict | None:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="runs/tiny", help="a tiny run whose stage-2 checkpoint is probed")
-    p.add_argument("--out", default="bench/results/tiny_vision_probe_cpu.json")
+    p.add_argument("--out", default="research/2026-11-29-tiny-visual-qa/tiny_vision_probe_cpu.json")
     args = p.parse_args()
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    result = dict(command="python bench/tiny_vision_probe.py " + (f"--run {args.run}" if args.run != "runs/tiny" else ""),
+    result = dict(command="python research/2026-11-29-tiny-visual-qa/tiny_vision_probe.py " + (f"--run {args.run}" if args.run != "runs/tiny" else ""),
                   shape_named_after_300_supervised_steps={
                       "tiny vision encoder, mean, 32 px": shape_accuracy(32),
                       "tiny vision encoder, mean, 64 px": shape_accuracy(64),

@@ -1,6 +1,6 @@
 """What stage 1 (the article's masked reconstruction) leaves in the vision encoder, on the tiny preset, CPU.
 
-    python bench/stage1_probe.py [--out bench/results/stage1_probe_cpu.json]
+    python research/2026-11-29-tiny-visual-qa/stage1_probe.py [--out research/2026-11-29-tiny-visual-qa/stage1_probe_cpu.json]
 
 Trains the article's stage 1 (all four objectives, one modality per batch, 100 steps at lr 2e-3, as the tiny
 launch ran it before its stage 1 went decoder-only), then teaches the vision encoder plus a linear head to
@@ -45,7 +45,7 @@ def digit_accuracy(model: R1Model, cfg, steps: int = 200) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="bench/results/stage1_probe_cpu.json")
+    p.add_argument("--out", default="research/2026-11-29-tiny-visual-qa/stage1_probe_cpu.json")
     args = p.parse_args()
     os.environ["R1_NO_PROGRESS"] = "1"
     torch.set_num_threads(2)
@@ -63,7 +63,7 @@ def main():
     reset = R1Model(cfg.model)
     reset.load_state_dict({k: initial[k] if k.startswith("encoders.vision.blocks") else v
                            for k, v in pretrained.state_dict().items()})
-    result = dict(command="python bench/stage1_probe.py", preset="tiny", stage1_steps=100, probe_steps=200,
+    result = dict(command="python research/2026-11-29-tiny-visual-qa/stage1_probe.py", preset="tiny", stage1_steps=100, probe_steps=200,
                   digit_val_accuracy={"fresh encoder": digit_accuracy(fresh, cfg),
                                       "after stage 1": digit_accuracy(pretrained, cfg),
                                       "after stage 1, blocks reset": digit_accuracy(reset, cfg)},

@@ -1,11 +1,11 @@
 """Can the decoder learn to read a scene when the image tokens are perfect? Visual QA on oracle tokens. CPU, minutes.
 
-    python bench/decoder_reading.py [--preset tiny] [--steps 1000] [--arms preset lr_1e-3 ...] [--min-lr-ratio R] [--out bench/results/decoder_reading_cpu.json]
+    python research/2026-12-03-small-visual-qa/decoder_reading.py [--preset tiny] [--steps 1000] [--arms preset lr_1e-3 ...] [--min-lr-ratio R] [--out research/2026-12-03-small-visual-qa/decoder_reading_cpu.json]
 
 Why: `small` answers "Is there a red shape?" no better than a blind guesser and "What shape is on the left?" 0.38 of
 the time on fresh questions, with 4x more distinct scenes too, and only 0.70 of all the visual questions it was tuned
-on (variant M in bench/results/stages_small_h200.json), while linear probes read each object's shape and colour from
-the tokens the decoder gets (bench/results/object_probe_small_h200.json). So either the tokens are the limit or the
+on (variant M in research/2026-12-03-small-visual-qa/stages_small_history.json), while linear probes read each object's shape and colour from
+the tokens the decoder gets (research/2026-12-03-small-visual-qa/object_probe_small_h200.json). So either the tokens are the limit or the
 decoder's way of reading them is. This takes the encoder out: each image is replaced by 64 patch tokens that say
 exactly what is there, a fixed random vector per shape, colour and size added to every patch an object touches, a
 background vector, and the encoder's own 2-D sin-cos position code, RMS-normalised as the encoder's output is. The
@@ -34,9 +34,9 @@ lr of 2e-3 (the blind guesser's; the loss is flat from step 100 on), 0.61 at 1e-
 a place 0.84, furthest shape 0.92, count 0.99); the two colour questions stay at the blind bar in these three arms. In
 300-step arms at 2e-3 neither the expert dropout nor the MoE moved the score (though the dense arm answered "What
 colour is the star?" 0.42 of the time). A fresh decoder at 64 answers a step, where `small`'s has had stage 1 and
-steps on some 750: what carries over was for a GPU run to show (bench/results/decoder_reading_cpu.json). It did
+steps on some 750: what carries over was for a GPU run to show (research/2026-12-03-small-visual-qa/decoder_reading_cpu.json). It did
 carry over: on `small`, stage 3 at 3e-4 instead of 1e-3 took visual QA from 0.61 to 0.86 of 600 fresh questions (runs
-N and O in bench/results/stages_small_h200.json), and "Is there a red shape?" stayed at the blind bar there too.
+N and O in research/2026-12-03-small-visual-qa/stages_small_history.json), and "Is there a red shape?" stayed at the blind bar there too.
 Session 13, `session_13` in the JSON: `dense_lr_3e-4` answers "What colour is the star?" 0.64 of the time where the MoE
 decoder (`lr_3e-4`) answers 0.14, 0.82 overall; with `--kinds colour_present` both stay at the blind bar (0.72) after
 64,000 fresh questions of that one kind (~6 min dense, ~10 min MoE).
@@ -286,7 +286,7 @@ def main():
     p.add_argument("--min-lr-ratio", type=float, help="where the cosine ends, times the peak lr (default: the preset's; 1.0: constant)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="bench/results/decoder_reading_cpu.json")
+    p.add_argument("--out", default="research/2026-12-03-small-visual-qa/decoder_reading_cpu.json")
     args = p.parse_args()
     if args.min_lr_ratio is not None and not 0 <= args.min_lr_ratio <= 1:
         p.error(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
@@ -298,7 +298,7 @@ def main():
     blind = {k: round(blind_accuracy([asked(q) for _, q, _, kk in val if kk == k], [final_word(a) for _, _, a, kk in val if kk == k]), 3)
              for k in args.kinds}
     flag = lambda k, v: f"--{k.replace('_', '-')}" + ("" if v is True else " " + (" ".join(map(str, v)) if isinstance(v, list) else str(v)))
-    result = dict(command="python bench/decoder_reading.py " + " ".join(flag(k, v) for k, v in vars(args).items() if k != "out" and v),
+    result = dict(command="python research/2026-12-03-small-visual-qa/decoder_reading.py " + " ".join(flag(k, v) for k, v in vars(args).items() if k != "out" and v),
                   what=__doc__.split("\n\n")[2], preset=args.preset, val_questions=len(val),
                   blind=dict(accuracy=round(blind_accuracy([asked(q) for _, q, _, _ in val], [final_word(a) for _, _, a, _ in val]), 4), by_kind=blind),
                   device=args.device, threads=torch.get_num_threads(), arms={})

@@ -1,7 +1,7 @@
 """Stage 3 of a tiny run again, from its stage-2 checkpoint, under a few settings: does anything within tiny's
 budget lift its answers above the blind bar? CPU, ~4.5 min per 400-step variant.
 
-    python bench/tiny_sft_variants.py [--run runs/tiny] [--out bench/results/tiny_sft_variants_cpu.json] [--only NAME ...]
+    python research/2026-11-29-tiny-visual-qa/tiny_sft_variants.py [--run runs/tiny] [--out research/2026-11-29-tiny-visual-qa/tiny_sft_variants_cpu.json] [--only NAME ...]
 
 Each variant loads the same stage-2 checkpoint (`--run`, the main job's output by default), applies its overrides
 to the run's own config, trains stage 3 from the same seed, and scores visual and audio QA per kind of question
@@ -63,7 +63,7 @@ def run_variant(align_ckpt: Path, overrides: list[str]) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="runs/tiny", help="a tiny run with a stage-2 checkpoint")
-    p.add_argument("--out", default="bench/results/tiny_sft_variants_cpu.json")
+    p.add_argument("--out", default="research/2026-11-29-tiny-visual-qa/tiny_sft_variants_cpu.json")
     p.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     args = p.parse_args()
     os.environ.setdefault("R1_NO_PROGRESS", "1")
@@ -72,7 +72,7 @@ def main():
     names = args.only or list(VARIANTS)
     unknown = set(names) - set(VARIANTS)
     if unknown: raise SystemExit(f"unknown variant(s) {sorted(unknown)}; known: {list(VARIANTS)}")
-    result = dict(command="python bench/tiny_sft_variants.py" + (f" --run {args.run}" if args.run != "runs/tiny" else ""),
+    result = dict(command="python research/2026-11-29-tiny-visual-qa/tiny_sft_variants.py" + (f" --run {args.run}" if args.run != "runs/tiny" else ""),
                   checkpoint=str(align), variants={})
     for name in names:
         result["variants"][name] = run_variant(align, VARIANTS[name])

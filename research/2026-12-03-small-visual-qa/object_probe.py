@@ -1,6 +1,6 @@
 """Where along the way does a scene's object lose its shape? Linear probes of one object at a time. CPU or GPU, ~1 min.
 
-    python bench/object_probe.py --run RUN_DIR [--scenes 1500] [--out bench/results/object_probe.json]
+    python research/2026-12-03-small-visual-qa/object_probe.py --run RUN_DIR [--scenes 1500] [--out research/2026-12-03-small-visual-qa/object_probe.json]
 
 Why: `small` answers "What colour is the star?" and "What shape is on the left?" wrongly, even on questions it was
 tuned on, while its stage-2 encoder tells a caption from its shape-swapped twin for every val scene. That pooled
@@ -115,7 +115,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="a run directory with align/ (and sft/) checkpoints")
     p.add_argument("--scenes", type=int, default=1500)
-    p.add_argument("--out", default="bench/results/object_probe.json")
+    p.add_argument("--out", default="research/2026-12-03-small-visual-qa/object_probe.json")
     args = p.parse_args()
     t0 = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -143,7 +143,7 @@ def main():
         result[name] = probe(features, objects, scene_of, n_train)
         print(name, result[name], flush=True)
     majority = {a: round(max(np.mean([o[a] == v for o in objects]) for v in {o[a] for o in objects}), 3) for a in ATTRIBUTES}
-    out = dict(command=f"python bench/object_probe.py --run {args.run}", checkpoints=sources, scenes=args.scenes,
+    out = dict(command=f"python research/2026-12-03-small-visual-qa/object_probe.py --run {args.run}", checkpoints=sources, scenes=args.scenes,
                objects=len(objects), train_scenes=n_train, majority=majority, probes=result,
                seconds=round(time.perf_counter() - t0, 1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,13 @@
 """Do the scaled position codes let a decoder read shapes? A CPU stand-in for `small`'s visual QA, ~30 min.
 
-    python bench/position_gain_proxy.py [--data /tmp/r1_proxy_data] [--out bench/results/position_gain_proxy_cpu.json]
+    python research/2026-12-03-small-visual-qa/position_gain_proxy.py [--data /tmp/r1_proxy_data] [--out research/2026-12-03-small-visual-qa/position_gain_proxy_cpu.json]
 
-Why: `small`'s stage-2 tokens name each object's shape 0.95 of the time (bench/object_probe.py), yet its stage 3
+Why: `small`'s stage-2 tokens name each object's shape 0.95 of the time (research/2026-12-03-small-visual-qa/object_probe.py), yet its stage 3
 answers "What shape is on the left?" wrongly even on the questions it was tuned on. Until session 10 the decoder
 added its sin-cos position codes unscaled, some 35 times the embeddings (10_model). `small` with the scaled codes
 needs a GPU; this asks the same question of the tiny preset, made able to see shapes: 64 px images, the conv stem,
 hard negatives and 1200 stage-2 steps on 16 fresh draws of the silent sources (own caption 0.86 in
-bench/results/hard_negatives_cpu.json), then stage 3 on visual QA alone, twice:
+research/2026-12-03-small-visual-qa/hard_negatives_cpu.json), then stage 3 on visual QA alone, twice:
 
 * `scaled`: the model as it is (DecoderInputs.position_gain, learned from the embeddings' scale);
 * `unscaled`: the codes added as they were before (the gain bypassed, so the run is the old model).
@@ -62,7 +62,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="/tmp/r1_proxy_data", help="where 16 draws of the silent sources are grown")
     p.add_argument("--runs", default="/tmp/r1_proxy_runs")
-    p.add_argument("--out", default="bench/results/position_gain_proxy_cpu.json")
+    p.add_argument("--out", default="research/2026-12-03-small-visual-qa/position_gain_proxy_cpu.json")
     p.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # internal: run the launch for one arm
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -74,7 +74,7 @@ def main():
     data, runs = Path(args.data), Path(args.runs)
     t0 = time.perf_counter()
     if not grown_before(data, 16, SILENT_NEEDED): grow_data(data, 16, SILENT_NEEDED)
-    result = dict(command="python bench/position_gain_proxy.py", what=__doc__.split("\n\n")[2].replace("\n", " "),
+    result = dict(command="python research/2026-12-03-small-visual-qa/position_gain_proxy.py", what=__doc__.split("\n\n")[2].replace("\n", " "),
                   launch_overrides=" ".join(launch_args(data, runs, "ARM")[4:]), grow_seconds=round(time.perf_counter() - t0, 1),
                   arms={})
     for arm in ARMS:
