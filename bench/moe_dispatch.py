@@ -2,7 +2,7 @@
 
 Width 1024, 16 experts of hidden 2816, top-2; the dense FFN is a SwiGLU of hidden 2 x 2816 (the same FLOPs per
 token). Rows: the article's per-token loop (timed on a few tokens, extrapolated), the reference loop, per-expert
-gather, the grouped GEMMs alone on pre-sorted, evenly split rows (the floor), the session-1 grouped path (argsort, index gather, index_add_ scatter), the grouped path of 08_moe
+gather, the grouped GEMMs alone on pre-sorted, evenly split rows (the floor), the first grouped path (argsort, index gather, index_add_ scatter), the grouped path of 08_moe
 (counting sort, gather-only permutations), both compiled, the article's five heterogeneous families, and the full
 MoELayer (routing, aux losses, statistics). Every time is compared with the dense FFN measured in the same run.
 
@@ -41,7 +41,7 @@ def timed(fn, x, n=10, warmup=3):
 
 
 def grouped_v1(x, routing, experts):
-    "Session 1's grouped path, kept as the ablation: argsort, x[token] gather, index_add_ scatter (atomics)."
+    "The first grouped path, kept as the ablation: argsort, x[token] gather, index_add_ scatter (atomics)."
     flat = routing.experts.reshape(-1)
     order = flat.argsort(stable=True)
     token = order // routing.experts.shape[1]

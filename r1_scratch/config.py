@@ -458,7 +458,7 @@ PRESETS: dict[str, dict] = {
                              align=dict(steps=300, batch_size=32, lr=1e-3, options={"hard_negatives": False}),
                              sft=dict(steps=400, max_tokens=1024, lr=2e-3))),
     # QK-norm in the decoder and a stage 3 of 1,120 steps: the run that reads 0.98 of 600 fresh visual questions
-    # (session 20 of bench/results/stages_small_h200.json; 560 steps without QK-norm: 0.86, 15_stage3_sft)
+    # (bench/results/stages_small_h200.json; 560 steps without QK-norm: 0.86, 15_stage3_sft)
     "small": dict(model=dict(depth=6, image_size=64, n_mels=64, max_seq_len=512, patch_stem="conv", qk_norm=True),
                   data=dict(batch_size=64, max_text_tokens=256, max_audio_seconds=10.0, num_workers=4,
                             shuffle_buffer=1000, bucket_pool=1024),
