@@ -64,17 +64,22 @@ def test_launch_trains_and_writes_the_run(unbroken):
     assert "val_decoder_lm" in pretrain and "val_text_mlm" not in pretrain  # tiny's stage 1: the decoder's causal LM
 
 
-def test_kill_9_then_resume_gives_the_losses_of_an_unbroken_run(unbroken, tmp_path):
-    args = ["--name", "broken", f"train.out_dir={tmp_path}", "stages.sft.steps=8", "train.ckpt_every=2", *SHORT]
+def kill_9_at(args: list[str], target: Path, timeout: float = 240) -> int:
+    "Start the launch with `args`, SIGKILL it as soon as `target` exists, and return its exit code."
     proc = subprocess.Popen([sys.executable, "-m", "r1_scratch.launch", *args], cwd=REPO, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = tmp_path / "broken" / "sft" / "checkpoints" / "step_000004" / "meta.json"
-    deadline = time.time() + 240
+    deadline = time.time() + timeout
     while not target.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert target.exists() and proc.returncode == -signal.SIGKILL
+    return proc.wait()
+
+
+def test_kill_9_then_resume_gives_the_losses_of_an_unbroken_run(unbroken, tmp_path):
+    args = ["--name", "broken", f"train.out_dir={tmp_path}", "stages.sft.steps=8", "train.ckpt_every=2", *SHORT]
+    target = tmp_path / "broken" / "sft" / "checkpoints" / "step_000004" / "meta.json"
+    returncode = kill_9_at(args, target)
+    assert target.exists() and returncode == -signal.SIGKILL
     assert not (tmp_path / "broken" / "sft" / "summary.json").exists()  # it really died mid-run
     launch(*args)  # the same command resumes
     whole, _ = unbroken

@@ -2,9 +2,7 @@
 through the launch and resumes after kill -9, and generation from its latent cache equals recomputation."""
 import json
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from r1_scratch.sft import prompts_of
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-from test_launch import ENV, SHORT, STAGE_DIRS, launch, losses  # noqa: E402  the launch tests' short stages
+from test_launch import SHORT, STAGE_DIRS, kill_9_at, launch, losses  # noqa: E402  the launch tests' short stages
 
 MLA = ["model.attention=mla", *SHORT]
 
@@ -85,14 +83,8 @@ def test_launch_with_mla_trains_every_stage(unbroken):
 
 def test_launch_with_mla_resumes_after_kill_9(unbroken, tmp_path):
     args = ["--name", "broken", f"train.out_dir={tmp_path}", "stages.sft.steps=8", "train.ckpt_every=2", *MLA]
-    proc = subprocess.Popen([sys.executable, "-m", "r1_scratch.launch", *args], cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = tmp_path / "broken" / "sft" / "checkpoints" / "step_000004" / "meta.json"
-    deadline = time.time() + 240
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert kill_9_at(args, target) == -signal.SIGKILL
     assert target.exists() and not (tmp_path / "broken" / "sft" / "summary.json").exists()
     launch(*args)
     assert losses(tmp_path / "broken") == losses(unbroken)  # bit-exact on CPU: the MLA weights came back whole
