@@ -74,7 +74,8 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/14_stage2_align.ipynb #95811872
 @dataclass
 class WordSwaps:
-    "Per token id: the ids it may be swapped for (`alternatives` (V, K), padded) and how many (`counts` (V,), 0 = none)."
+    """Per token id: the ids it may be swapped for (`alternatives` (V, K), padded) and how many (`counts` (V,), 0 =
+    none)."""
     alternatives: torch.Tensor
     counts: torch.Tensor
 
@@ -90,7 +91,8 @@ def word_swaps(tok: TextTokenizer, groups: list[list[str]]) -> WordSwaps:
     for g in groups:
         if len(set(g)) < 2: raise ValueError(f"a swap group needs two different words, got token ids {g}")
     words = [t for g in groups for t in set(g)]
-    if len(words) != len(set(words)): raise ValueError("a swap word is in two groups: which group would it swap within?")
+    if len(words) != len(set(words)):
+        raise ValueError("a swap word is in two groups: which group would it swap within?")
     K = max([len(g) - 1 for g in groups] + [1])
     alternatives = torch.zeros(tok.vocab_size, K, dtype=torch.long)
     counts = torch.zeros(tok.vocab_size, dtype=torch.long)
@@ -102,14 +104,16 @@ def word_swaps(tok: TextTokenizer, groups: list[list[str]]) -> WordSwaps:
 
 def swap_one_word(ids: torch.Tensor, mask: torch.Tensor, swaps: WordSwaps,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    "(B, L) captions -> (the captions with one swappable word replaced by another of its group, (B,) which rows changed)."
+    """(B, L) captions -> (the captions with one swappable word replaced by another of its group, (B,) which rows
+    changed)."""
     counts = swaps.counts.to(ids.device)[ids] * mask                             # (B, L) alternatives of each token
     draws = torch.rand(*ids.shape, 2, generator=generator,
                        device=generator.device if generator else ids.device).to(ids.device)
     where = torch.where(counts > 0, draws[..., 0], -1.0).argmax(1)              # one random swappable position per row
     rows = torch.arange(len(ids), device=ids.device)
     old, n = ids[rows, where], counts[rows, where]
-    choice = (draws[rows, where, 1] * n).long()                                  # uniform over the n alternatives (draw < 1)
+    # uniform over the n alternatives (draw < 1)
+    choice = (draws[rows, where, 1] * n).long()
     new = swaps.alternatives.to(ids.device)[old, choice]
     swapped = ids.clone()
     swapped[rows, where] = torch.where(n > 0, new, old)
@@ -129,7 +133,8 @@ def align_objective(model, batch: dict, temperature: float | None = None, swaps:
                has_audio=batch["audio_lengths"] > 0, keys=caption_keys(batch), scale=scale)
     if swaps is not None:
         ids, has_hard = swap_one_word(batch["text_ids"], batch["text_mask"], swaps, generator)
-        hard = 0 * fused.text  # in the graph on every rank, also without a negative: DDP ranks must run the same backward
+        # in the graph on every rank, also without a negative: DDP ranks must run the same backward
+        hard = 0 * fused.text
         if has_hard.any():
             swapped_text = model.encoders.text(ids[has_hard], batch["text_mask"][has_hard])
             hard = hard.index_put((has_hard,), model.encoders.fusion.embed("text", swapped_text).to(hard.dtype))
@@ -173,9 +178,17 @@ def align_loss(model, batch: dict, temperature: float | None = None, uniformity_
 
 # %% ../nbs/14_stage2_align.ipynb #1fe2186a
 @torch.no_grad()
-def embed_split(model, cfg: Config, sources: list[str], split: str = "val", batch_size: int = 64, max_batches: int = 100,
-                swaps: WordSwaps | None = None) -> dict:
-    "Embeddings, caption keys, presence (and with `swaps` hard negatives) of every captioned sample of `sources` in `split`."
+def embed_split(
+    model,
+    cfg: Config,
+    sources: list[str],
+    split: str = "val",
+    batch_size: int = 64,
+    max_batches: int = 100,
+    swaps: WordSwaps | None = None,
+) -> dict:
+    """Embeddings, caption keys, presence (and with `swaps` hard negatives) of every captioned sample of `sources` in
+    `split`."""
     device = model_device(model)
     parts, generator = [], torch.Generator().manual_seed(0)  # the same hard negatives in every evaluation
     loader = build_loader(cfg, split, {s: 1.0 for s in sources}, batch_size=batch_size, num_workers=0)
@@ -194,7 +207,8 @@ def recall_at(sim: torch.Tensor, match: torch.Tensor, ks=(1, 5)) -> dict:
     return {f"R@{k}": hit[:, :k].any(1).float().mean().item() for k in ks}
 
 def retrieval_metrics(e: dict, kind: str) -> dict:
-    "Text->kind and kind->text R@1, R@5, R@1 chance, and with hard negatives the own-caption rate, for samples with `kind`."
+    """Text->kind and kind->text R@1, R@5, R@1 chance, and with hard negatives the own-caption rate, for samples with
+    `kind`."""
     pick = e[f"has_{kind}"]
     text, other, keys = e["text"][pick].float(), e[kind][pick].float(), e["keys"][pick]
     match = keys[:, None] == keys[None, :]

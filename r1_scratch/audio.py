@@ -100,7 +100,8 @@ class ConvFrontEnd(nn.Module):
         "Mel frames (B,) -> frames after each convolution: a list of n_layers (B,) tensors."
         out = []
         for _ in self.convs:
-            lengths = conv_out_length(lengths, self.kernel, self.stride, self.padding); out.append(lengths)
+            lengths = conv_out_length(lengths, self.kernel, self.stride, self.padding)
+            out.append(lengths)
         return out
 
     def forward(self, mel: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

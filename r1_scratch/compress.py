@@ -58,7 +58,8 @@ class Int8Experts(Experts):
     def w_out(self) -> torch.Tensor: return self.w_out_int8 * self.w_out_scale  # (E, H, D)
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    "Symmetric int8 per (expert, output channel) of a stacked (E, in, out) weight -> (int8 weight, fp32 scale (E, 1, out))."
+    """Symmetric int8 per (expert, output channel) of a stacked (E, in, out) weight -> (int8 weight, fp32 scale (E, 1,
+    out))."""
     scale = w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 127
     return (w.float() / scale).round().clamp(-127, 127).to(torch.int8), scale
 
@@ -76,10 +77,13 @@ def _cast(value, dtype: torch.dtype):
     return value
 
 def cast_inputs_to_weights(model: R1Model) -> R1Model:
-    "Make the model and its encoders cast floating inputs (pixels, waveforms) to their weights' dtype, so a bf16 copy runs."
+    """Make the model and its encoders cast floating inputs (pixels, waveforms) to their weights' dtype, so a bf16 copy
+    runs."""
     dtype = model.inputs.token_embedding.weight.dtype
-    hook = lambda module, args, kwargs: (_cast(args, dtype) if isinstance(args, dict) else tuple(_cast(a, dtype) for a in args),
-                                         _cast(kwargs, dtype))
+    hook = lambda module, args, kwargs: (
+        _cast(args, dtype) if isinstance(args, dict) else tuple(_cast(a, dtype) for a in args),
+        _cast(kwargs, dtype),
+    )
     convolutions = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]  # after fp32 front-ends (mel)
     for part in [model, model.encoders, model.encoders.vision, model.encoders.audio, *convolutions]:
         part.register_forward_pre_hook(hook, with_kwargs=True)
@@ -118,18 +122,23 @@ def compress(model: R1Model, recipe: str) -> R1Model:
     return quantize_experts(model)
 
 class QuantizedLinear(nn.Linear):
-    """A Linear whose weight torchao quantised; an input without rows (no audio in the batch) skips the kernel: torchao's
-    dynamic activation quantiser fails on an empty tensor (its scale search has no values)."""
+    """A Linear whose weight torchao quantised; an input without rows (no audio in the batch) skips the kernel:
+    torchao's dynamic activation quantiser fails on an empty tensor (its scale search has no values)."""
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0: return x.new_zeros(*x.shape[:-1], self.out_features)
         return super().forward(x)
 
 # %% ../nbs/17_compression.ipynb #2c4fc66c
 def untied_state(model: nn.Module) -> tuple[dict, dict]:
-    "The state dict with each shared tensor once, and {other name: kept name} for the rest (safetensors refuses sharing)."
+    """The state dict with each shared tensor once, and {other name: kept name} for the rest (safetensors refuses
+    sharing)."""
     state, seen, tied = {}, {}, {}
     for name, value in model.state_dict().items():
-        key = id(value) if not type(value) is torch.Tensor else (value.untyped_storage().data_ptr(), value.storage_offset())
+        key = (
+            id(value)
+            if not type(value) is torch.Tensor
+            else (value.untyped_storage().data_ptr(), value.storage_offset())
+        )
         if key in seen: tied[name] = seen[key]
         else: seen[key], state[name] = name, value
     return state, tied
@@ -144,7 +153,9 @@ def save_compressed(model: R1Model, path: str | os.PathLike, cfg: Config, recipe
     state, tied = untied_state(model)
     tensors, metadata = flatten_tensor_state_dict({k: v.detach().cpu() for k, v in state.items()})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"), metadata=metadata)
-    (tmp / "compressed.json").write_text(json.dumps(dict(recipe=recipe, keep=keep, tied=tied, config=config_to_dict(cfg)), indent=1))
+    (tmp / "compressed.json").write_text(
+        json.dumps(dict(recipe=recipe, keep=keep, tied=tied, config=config_to_dict(cfg)), indent=1)
+    )
     if path.exists(): os.replace(path, path.with_name(f".{path.name}.old"))
     os.replace(tmp, path)
     return path
@@ -242,7 +253,8 @@ def prune_stacked(experts: Experts, keep: torch.Tensor) -> Experts:
 def prune_layer(layer: MoELayer, keep: list[int]):
     "Remove every expert of an MoE layer but `keep` (global ids), with its router row; families left empty go too."
     if layer.router.n_groups > 1: raise ValueError("pruning group-limited routing (n_groups > 1) is not supported")
-    if len(keep) < layer.router.top_k: raise ValueError(f"keep {len(keep)} experts: at least top_k={layer.router.top_k}")
+    if len(keep) < layer.router.top_k:
+        raise ValueError(f"keep {len(keep)} experts: at least top_k={layer.router.top_k}")
     index = torch.tensor(sorted(keep))
     prune_router(layer.router, index)
     if isinstance(layer.experts, Experts):
@@ -261,7 +273,8 @@ def prune_layer(layer: MoELayer, keep: list[int]):
 def prune_experts(model: R1Model, keep: list[list[int]]) -> R1Model:
     "Keep, in each MoE layer, only its experts `keep[i]`; the router's softmax then renormalises over the survivors."
     layers = moe_layers(model)
-    if len(keep) != len(layers): raise ValueError(f"keep lists {len(keep)} layers; the model has {len(layers)} MoE layers")
+    if len(keep) != len(layers):
+        raise ValueError(f"keep lists {len(keep)} layers; the model has {len(layers)} MoE layers")
     for layer, ids in zip(layers, keep): prune_layer(layer, ids)
     return model
 
@@ -275,7 +288,8 @@ def quality(model: R1Model, cfg: Config, batches: int = 50, answers: int = 64) -
     return out | {"lm_loss": ev["language_model"]["overall"]["loss"]}
 
 def share_of(metrics: dict, reference: dict) -> dict:
-    "Each metric as a share of the reference model's (losses inverted, so above 1 is better); None where the reference is 0."
+    """Each metric as a share of the reference model's (losses inverted, so above 1 is better); None where the reference
+    is 0."""
     out = {}
     for k, ref in reference.items():
         if k not in metrics: continue

@@ -112,8 +112,10 @@ class ModelConfig:
     window_size: int = 4                 # local attention window, in patches
     image_channels: int = 3
     image_pool: Literal["mean", "max"] = "max"  # one vector per image: max keeps a small object (05_vision_encoder)
-    patch_stem: Literal["linear", "conv"] = "linear"  # patches by one Linear (ViT) or 3x3 stride-2 convs (05_vision_encoder)
-    image_positions: Literal["raster", "grid"] = "raster"  # the decoder's codes for image tokens: 1-D reading order or 2-D (07_fusion)
+    # patches by one Linear (ViT) or 3x3 stride-2 convs (05_vision_encoder)
+    patch_stem: Literal["linear", "conv"] = "linear"
+    # the decoder's codes for image tokens: 1-D reading order or 2-D (07_fusion)
+    image_positions: Literal["raster", "grid"] = "raster"
     sample_rate: int = 16000             # audio is resampled to this
     n_mels: int = 40
     n_fft: int = 400                     # 25 ms at 16 kHz
@@ -127,7 +129,8 @@ class ModelConfig:
     router: Literal["mlp", "linear"] = "mlp"  # mlp: the article's d-512-E; linear: what real MoEs use
     router_hidden: int = 512
     expert_families: bool = True         # the article's five FFN families (16 experts); False: identical SwiGLU experts
-    modality_routing: Literal["none", "prior", "mask"] = "prior"  # the article's 8/4/4 split: learned prior or hard mask
+    # the article's 8/4/4 split: learned prior or hard mask
+    modality_routing: Literal["none", "prior", "mask"] = "prior"
     balance_weight: float = 0.01         # Switch auxiliary loss
     z_weight: float = 0.001              # router z-loss
     bias_rate: float = 0.0               # DeepSeek-V3 bias update per optimizer step (0.001 there); 0 = off
@@ -189,9 +192,11 @@ def check_model(m: ModelConfig) -> ModelConfig:
     _require(m.n_heads * m.head_dim == m.d_model,
              f"model.n_heads={m.n_heads} x model.head_dim={m.head_dim} = {m.n_heads * m.head_dim} but "
              f"model.d_model={m.d_model}: set model.head_dim={m.d_model // m.n_heads} too")
-    _require(m.image_positions == "raster" or m.d_model % 4 == 0,
-             f"model.image_positions='grid' splits the codes into row and column sin-cos pairs: model.d_model={m.d_model} "
-             "must be a multiple of 4")
+    _require(
+        m.image_positions == "raster" or m.d_model % 4 == 0,
+        f"model.image_positions='grid' splits the codes into row and column sin-cos pairs: model.d_model={m.d_model} "
+        "must be a multiple of 4",
+    )
     _require(m.patch_stem == "linear" or (m.patch_size >= 2 and m.patch_size & (m.patch_size - 1) == 0),
              f"model.patch_stem='conv' halves the image log2(patch_size) times: model.patch_size={m.patch_size} "
              "must be a power of two")
@@ -203,13 +208,21 @@ def check_model(m: ModelConfig) -> ModelConfig:
              f"grid (model.image_size={m.image_size} / model.patch_size={m.patch_size})")
     _require(m.top_k <= m.n_experts, f"model.top_k={m.top_k} exceeds model.n_experts={m.n_experts}")
     _require(not m.expert_families or m.n_experts == 16,
-             f"model.expert_families=True is the article's 16 experts, but model.n_experts={m.n_experts}: set expert_families=False")
+             f"model.expert_families=True is the article's 16 experts, but model.n_experts={m.n_experts}: "
+             "set expert_families=False")
     _require(m.modality_routing == "none" or m.n_experts % 4 == 0,
-             f"model.modality_routing={m.modality_routing!r} needs model.n_experts divisible by 4 (8/4/4 split), got {m.n_experts}")
+             f"model.modality_routing={m.modality_routing!r} needs model.n_experts divisible by 4 (8/4/4 split), "
+             f"got {m.n_experts}")
     _require(m.n_experts % m.n_groups == 0 and m.top_groups <= m.n_groups,
-             f"model.n_groups={m.n_groups} must divide model.n_experts={m.n_experts} and model.top_groups={m.top_groups} <= n_groups")
-    _require(m.n_dense_layers <= m.n_layers, f"model.n_dense_layers={m.n_dense_layers} exceeds model.n_layers={m.n_layers}")
-    _require(m.hop_length <= m.n_fft, f"model.hop_length={m.hop_length} exceeds model.n_fft={m.n_fft}: frames would skip samples")
+             f"model.n_groups={m.n_groups} must divide model.n_experts={m.n_experts} "
+             f"and model.top_groups={m.top_groups} <= n_groups")
+    _require(
+        m.n_dense_layers <= m.n_layers, f"model.n_dense_layers={m.n_dense_layers} exceeds model.n_layers={m.n_layers}"
+    )
+    _require(
+        m.hop_length <= m.n_fft,
+        f"model.hop_length={m.hop_length} exceeds model.n_fft={m.n_fft}: frames would skip samples",
+    )
     _require(m.qk_rope_head_dim % 2 == 0, f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even: RoPE turns pairs")
     _require(m.rope_theta > 1, f"model.rope_theta must be > 1, got {m.rope_theta}")
     for name in ("balance_weight", "z_weight", "bias_rate"):
@@ -241,7 +254,10 @@ class DataConfig:
 def check_mixture(mixture: dict, where: str, empty_ok: bool = False):
     "Weights are non-negative and sum to more than zero."
     for name, weight in mixture.items(): _require(weight >= 0, f"{where}.{name}={weight}: mixture weights must be >= 0")
-    _require(sum(mixture.values()) > 0 or (empty_ok and not mixture), f"{where}: mixture weights must sum to > 0, got {mixture}")
+    _require(
+        sum(mixture.values()) > 0 or (empty_ok and not mixture),
+        f"{where}: mixture weights must sum to > 0, got {mixture}",
+    )
 
 def check_data(d: DataConfig) -> DataConfig:
     "Types, batching and budget limits of the data section."
@@ -250,7 +266,8 @@ def check_data(d: DataConfig) -> DataConfig:
     check_mixture(d.mixture, "data.mixture")
     _require(d.max_audio_seconds > 0, f"data.max_audio_seconds must be positive, got {d.max_audio_seconds}")
     _require(d.max_tokens is None or d.max_tokens >= d.max_text_tokens,
-             f"data.max_tokens={d.max_tokens} is below data.max_text_tokens={d.max_text_tokens}: a long sample would never fit")
+             f"data.max_tokens={d.max_tokens} is below data.max_text_tokens={d.max_text_tokens}: "
+             "a long sample would never fit")
     return d
 
 # %% ../nbs/00_config.ipynb #a97a084d
@@ -375,7 +392,8 @@ class StageConfig:
     steps: Optional[int] = None          # None = train.max_steps
     lr: Optional[float] = None
     trainable: list[str] = field(default_factory=list)      # module-name prefixes; empty = everything
-    lr_scale: dict[str, float] = field(default_factory=dict)  # module-name prefix -> multiplier of lr (a slower encoder)
+    # module-name prefix -> multiplier of lr (a slower encoder)
+    lr_scale: dict[str, float] = field(default_factory=dict)
     mixture: dict[str, float] = field(default_factory=dict)  # empty = data.mixture
     batch_size: Optional[int] = None
     max_tokens: Optional[int] = None
@@ -437,8 +455,10 @@ def validate(cfg: Config) -> Config:
     check_data(cfg.data)
     check_train(cfg.train)
     check_dist(cfg.dist)
-    _require(not (cfg.dist.strategy == "fsdp" and cfg.train.precision == "fp16"),
-             "dist.strategy=fsdp trains in bf16 or fp32: set train.precision=bf16 (fp16 would need a sharded loss scaler)")
+    _require(
+        not (cfg.dist.strategy == "fsdp" and cfg.train.precision == "fp16"),
+        "dist.strategy=fsdp trains in bf16 or fp32: set train.precision=bf16 (fp16 would need a sharded loss scaler)",
+    )
     _require(isinstance(cfg.preset, str), f"preset: expected str, got {cfg.preset!r}")
     _require(isinstance(cfg.stages, dict) and all(isinstance(s, StageConfig) for s in cfg.stages.values()),
              "stages: expected a dict of StageConfig")
@@ -452,32 +472,61 @@ def validate(cfg: Config) -> Config:
 _DECODER_ONLY_PRETRAIN = dict(mixture={"text": 1.0}, trainable=["inputs", "blocks", "norm", "lm_head"],
                               options={"masking": 0})
 PRESETS: dict[str, dict] = {
-    "tiny": dict(model=dict(depth=2),  # the default launch: all three stages in a few minutes on 2 CPU cores
-                 stages=dict(pretrain=dict(steps=100, batch_size=16, lr=2e-3, **_DECODER_ONLY_PRETRAIN),
-                             # at 32 px the ViT's 8 px patches miss outlines: hard negatives cost 11% of stage 2, teach nothing here
-                             align=dict(steps=300, batch_size=32, lr=1e-3, options={"hard_negatives": False}),
-                             sft=dict(steps=400, max_tokens=1024, lr=2e-3))),
+    "tiny": dict(
+        model=dict(depth=2),  # the default launch: all three stages in a few minutes on 2 CPU cores
+        stages=dict(
+            pretrain=dict(steps=100, batch_size=16, lr=2e-3, **_DECODER_ONLY_PRETRAIN),
+            # at 32 px the ViT's 8 px patches miss outlines: hard negatives cost 11% of stage 2, teach nothing here
+            align=dict(steps=300, batch_size=32, lr=1e-3, options={"hard_negatives": False}),
+            sft=dict(steps=400, max_tokens=1024, lr=2e-3),
+        ),
+    ),
     # QK-norm in the decoder and a stage 3 of 1,120 steps: the run that reads 0.98 of 600 fresh visual questions
     # (bench/results/stages_small_h200.json; 560 steps without QK-norm: 0.86, 15_stage3_sft)
-    "small": dict(model=dict(depth=6, image_size=64, n_mels=64, max_seq_len=512, patch_stem="conv", qk_norm=True),
-                  data=dict(batch_size=64, max_text_tokens=256, max_audio_seconds=10.0, num_workers=4,
-                            shuffle_buffer=1000, bucket_pool=1024),
-                  train=dict(max_steps=2000, warmup_steps=100, precision="bf16", eval_every=200, ckpt_every=500),
-                  stages=dict(pretrain=dict(steps=300, batch_size=64, grad_accum=2, lr=1e-3, **_DECODER_ONLY_PRETRAIN),
-                              align=dict(steps=1500, batch_size=128, lr=5e-4),
-                              # 4x micro-batches (1.6-2.5x the tokens/s) and the vision encoder tuned at 0.1x the lr:
-                              # variant F's settings; lr 3e-4, not 1e-3: at 1e-3 the decoder hardly learns to look up
-                              # where a shape is (runs N-P, 15_stage3_sft, bench/results/stages_small_h200.json)
-                              sft=dict(steps=1120, max_tokens=32768, batch_size=512, lr=3e-4,
-                                       trainable=["inputs", "blocks", "norm", "lm_head", "encoders.vision"],
-                                       lr_scale={"encoders.vision": 0.1}))),
-    "base": dict(model=dict(depth=12, image_size=224, patch_size=16, window_size=7, n_mels=80, max_seq_len=2048,
-                            ffn_multiple_of=256),
-                 data=dict(batch_size=128, max_text_tokens=1024, max_audio_seconds=30.0, num_workers=8,
-                           shuffle_buffer=5000, bucket_pool=4096),
-                 train=dict(max_steps=20000, warmup_steps=1000, precision="bf16", log_every=50, eval_every=1000,
-                            ckpt_every=1000),
-                 stages=dict(sft=dict(max_tokens=65536, batch_size=512))),
+    "small": dict(
+        model=dict(depth=6, image_size=64, n_mels=64, max_seq_len=512, patch_stem="conv", qk_norm=True),
+        data=dict(
+            batch_size=64,
+            max_text_tokens=256,
+            max_audio_seconds=10.0,
+            num_workers=4,
+            shuffle_buffer=1000,
+            bucket_pool=1024,
+        ),
+        train=dict(max_steps=2000, warmup_steps=100, precision="bf16", eval_every=200, ckpt_every=500),
+        stages=dict(
+            pretrain=dict(steps=300, batch_size=64, grad_accum=2, lr=1e-3, **_DECODER_ONLY_PRETRAIN),
+            align=dict(steps=1500, batch_size=128, lr=5e-4),
+            # 4x micro-batches (1.6-2.5x the tokens/s) and the vision encoder tuned at 0.1x the lr:
+            # variant F's settings; lr 3e-4, not 1e-3: at 1e-3 the decoder hardly learns to look up
+            # where a shape is (runs N-P, 15_stage3_sft, bench/results/stages_small_h200.json)
+            sft=dict(
+                steps=1120,
+                max_tokens=32768,
+                batch_size=512,
+                lr=3e-4,
+                trainable=["inputs", "blocks", "norm", "lm_head", "encoders.vision"],
+                lr_scale={"encoders.vision": 0.1},
+            ),
+        ),
+    ),
+    "base": dict(
+        model=dict(
+            depth=12, image_size=224, patch_size=16, window_size=7, n_mels=80, max_seq_len=2048, ffn_multiple_of=256
+        ),
+        data=dict(
+            batch_size=128,
+            max_text_tokens=1024,
+            max_audio_seconds=30.0,
+            num_workers=8,
+            shuffle_buffer=5000,
+            bucket_pool=4096,
+        ),
+        train=dict(
+            max_steps=20000, warmup_steps=1000, precision="bf16", log_every=50, eval_every=1000, ckpt_every=1000
+        ),
+        stages=dict(sft=dict(max_tokens=65536, batch_size=512)),
+    ),
 }
 _ARTICLE_SCALE = dict(
     model=dict(vocab_size=32000, image_size=640, patch_size=16, window_size=8, n_mels=128, max_seq_len=4096,
@@ -500,7 +549,11 @@ def _unknown(path: str, known) -> ConfigError:
     parent, _, key = path.rpartition(".")
     dotted = lambda k: f"{parent}.{k}" if parent else str(k)
     close = difflib.get_close_matches(key, [str(k) for k in known], n=3, cutoff=0.6)
-    hint = f"did you mean {' or '.join(map(dotted, close))}?" if close else f"known{' in ' + parent if parent else ''}: {', '.join(map(str, known))}"
+    hint = (
+        f"did you mean {' or '.join(map(dotted, close))}?"
+        if close
+        else f"known{' in ' + parent if parent else ''}: {', '.join(map(str, known))}"
+    )
     return ConfigError(f"unknown key {path}; {hint}")
 
 def _check_keys(d, known, where: str) -> dict:
@@ -617,7 +670,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 # %% ../nbs/00_config.ipynb #e31abdfd
 def save_config(cfg: Config, path: str | os.PathLike, header: str = ""):
     "Write the full resolved config as YAML, atomically (temp file + os.replace); `header` is prepended."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     text = header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False, width=110)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -644,7 +698,8 @@ def main(preset: str = "tiny",  # tiny | small | base | r1_22b | r1_175b
     overrides = list(overrides or [])
     try: cfg = load_config(config, overrides) if config else apply_overrides(get_preset(preset), overrides)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr); sys.exit(2)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     command = ["python", "-m", "r1_scratch.config", *(["--config", config] if config else ["--preset", preset])]
     if out: save_config(cfg, out, header=f"# generated by: {shlex.join([*command, '--out', out, *overrides])}\n")
     else: print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False, width=110), end="")

@@ -191,13 +191,16 @@ def decode_record(raw: dict, spec: DecodeSpec, counter: SkipCounter, source: str
     key = f"{raw.get('__key__', '?')} in {raw.get('__url__', '?')}"
     failed, fields = _decode_members(raw, spec)
     if failed:
-        counter.skip(failed, key, fields["error"]); return None
+        counter.skip(failed, key, fields["error"])
+        return None
     meta = fields.get("json", {})
     try: task = infer_task(meta, raw)
     except ValueError as error:
-        counter.skip("json", key, error); return None
+        counter.skip("json", key, error)
+        return None
     if not (fields.keys() - {"json"}) and not meta.get("instruction"):
-        counter.skip("empty", key, "no text, image, audio or instruction"); return None
+        counter.skip("empty", key, "no text, image, audio or instruction")
+        return None
     return Sample(key=raw.get("__key__", "?"), task=task, source=source, text=fields.get("text"),
                   image=fields.get("image"), audio=fields.get("audio"), instruction=meta.get("instruction"),
                   response=meta.get("response"), answer=_as_str(meta.get("answer")), meta=meta)
@@ -267,7 +270,9 @@ def _first_not_none(*values):
 # %% ../nbs/01_data.ipynb #17eae292
 IGNORE_INDEX = -100  # what F.cross_entropy skips
 
-def chat_ids(tok: TextTokenizer, prompt: str | None, response: str | None, max_tokens: int) -> tuple[list[int], list[int]]:
+def chat_ids(
+    tok: TextTokenizer, prompt: str | None, response: str | None, max_tokens: int
+) -> tuple[list[int], list[int]]:
     "(input_ids, labels) of one decoder sequence; labels are IGNORE_INDEX except on the response."
     bos = [tok.bos_id] if tok.bos_id is not None else []
     eos = [tok.eos_id] if tok.eos_id is not None else []
@@ -311,7 +316,8 @@ def pad_ids(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, to
     ids = torch.full((len(rows), width), value, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long); mask[i, : len(row)] = True
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = True
     return ids, mask
 
 # %% ../nbs/01_data.ipynb #e9034bfe
@@ -340,13 +346,25 @@ def collate(items: Sequence[Tokenized], pad_id: int, image_size: int) -> dict:
     text_ids, text_mask = pad_ids([t.text_ids for t in items], pad_id)
     images, has_image = collate_images(samples, image_size)
     audio, audio_lengths = collate_audio(samples)
-    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, text_ids=text_ids,
-                text_mask=text_mask, images=images, has_image=has_image, audio=audio,
-                audio_lengths=audio_lengths, has_audio=audio_lengths > 0,
-                task=[s.task for s in samples], source=[s.source for s in samples],
-                answer=[s.answer for s in samples], key=[s.key for s in samples],
-                label=[_as_str(s.meta.get("label")) for s in samples], kind=[_as_str(s.meta.get("kind")) for s in samples],
-                cost=torch.tensor([t.cost for t in items]))
+    return dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        labels=labels,
+        text_ids=text_ids,
+        text_mask=text_mask,
+        images=images,
+        has_image=has_image,
+        audio=audio,
+        audio_lengths=audio_lengths,
+        has_audio=audio_lengths > 0,
+        task=[s.task for s in samples],
+        source=[s.source for s in samples],
+        answer=[s.answer for s in samples],
+        key=[s.key for s in samples],
+        label=[_as_str(s.meta.get("label")) for s in samples],
+        kind=[_as_str(s.meta.get("kind")) for s in samples],
+        cost=torch.tensor([t.cost for t in items]),
+    )
 
 # %% ../nbs/01_data.ipynb #b9aafeb6
 def prefix_blocks(item: Tokenized) -> tuple[bool, bool]:
@@ -354,15 +372,18 @@ def prefix_blocks(item: Tokenized) -> tuple[bool, bool]:
     return item.sample.image is not None, item.sample.audio is not None
 
 def budget_batches(pool: list[Tokenized], max_tokens: int | None, max_batch: int) -> list[list[Tokenized]]:
-    "Cut `pool` into batches of at most `max_batch` samples; under a `max_tokens` budget, one set of prefix blocks each."
+    """Cut `pool` into batches of at most `max_batch` samples; under a `max_tokens` budget, one set of prefix blocks
+    each."""
     if max_tokens is None: return [pool[i : i + max_batch] for i in range(0, len(pool), max_batch)]
     batches, current, longest, blocks = [], [], 0, None
     for item in sorted(pool, key=lambda t: (prefix_blocks(t), t.cost)):
         grown = max(longest, item.cost)
         if current and (grown * (len(current) + 1) > max_tokens or len(current) == max_batch
                         or prefix_blocks(item) != blocks):
-            batches.append(current); current, grown = [], item.cost
-        current.append(item); longest, blocks = grown, prefix_blocks(item)
+            batches.append(current)
+            current, grown = [], item.cost
+        current.append(item)
+        longest, blocks = grown, prefix_blocks(item)
     if current: batches.append(current)
     return batches
 
@@ -398,7 +419,8 @@ def shard_order(shards: list[str], seed: int, epoch: int, shuffle: bool) -> list
 def read_source(name: str, shards: list[str], counter: SkipCounter, seed: int, epoch: int,
                 shuffle_buffer: int) -> Iterator[dict]:
     "Raw records of one epoch of one source, for this rank and worker (shuffled when shuffle_buffer > 0)."
-    rank, world = rank_info(); worker, workers = worker_info()
+    rank, world = rank_info()
+    worker, workers = worker_info()
     urls = shard_order(shards, seed, epoch, shuffle=shuffle_buffer > 0)
     mine = list(wds.split_by_worker(wds.split_by_node(urls)))  # what WebDataset will give this reader
     counter.shards = list(dict.fromkeys(counter.shards + mine))
@@ -416,7 +438,8 @@ def endless(name: str, shards: list[str], counter: SkipCounter, seed: int, shuff
     for epoch in range(1 << 62):
         empty = True
         for raw in read_source(name, shards, counter, seed, epoch, shuffle_buffer):
-            empty = False; yield raw
+            empty = False
+            yield raw
         if empty: raise RuntimeError(f"source {name!r} yielded no records in epoch {epoch} (all corrupt?)")
 
 # %% ../nbs/01_data.ipynb #f3f38c41
@@ -475,14 +498,18 @@ class ShardStream(IterableDataset):
         pool = []
         for item in items:
             if pool and self.spec.one_source_per_batch and item.sample.source != pool[0].sample.source:
-                yield pool; pool = []  # a skipped record must not let two sources share a batch
+                yield pool
+                pool = []  # a skipped record must not let two sources share a batch
             pool.append(item)
-            if len(pool) == self.pool_size: yield pool; pool = []
+            if len(pool) == self.pool_size:
+                yield pool
+                pool = []
         if pool: yield pool
 
     def __iter__(self):
         s = self.spec
-        rank, world = rank_info(); worker, workers = worker_info()
+        rank, world = rank_info()
+        worker, workers = worker_info()
         for name, shards in s.sources.items():
             check_enough_shards(name, shards, world * workers, f"{world} rank(s) x {workers} worker(s)")
         counter, rng = SkipCounter(), random.Random(stream_seed(s.seed, rank, worker, "mix"))
@@ -587,17 +614,28 @@ def describe_batches(loader: Loader, batches: int) -> dict:
     seen, sizes, real, padded, t0 = Counter(), [], 0, 0, time.perf_counter()
     decoder_real = decoder_padded = 0
     for _, batch in zip(range(batches), loader):
-        seen.update(batch["source"]); sizes.append(len(batch["source"]))
-        real += int(batch["attention_mask"].sum()); padded += batch["attention_mask"].numel()
-        r, p = decoder_tokens(batch, loader.spec); decoder_real += r; decoder_padded += p
+        seen.update(batch["source"])
+        sizes.append(len(batch["source"]))
+        real += int(batch["attention_mask"].sum())
+        padded += batch["attention_mask"].numel()
+        r, p = decoder_tokens(batch, loader.spec)
+        decoder_real += r
+        decoder_padded += p
     seconds, total = time.perf_counter() - t0, sum(seen.values())
-    return dict(batches=len(sizes), samples=total, samples_per_s=round(total / max(seconds, 1e-9), 1),
-                share={k: round(v / max(total, 1), 3) for k, v in sorted(seen.items())},
-                target=loader.spec.weights if loader.spec.train else None,
-                batch_size=dict(min=min(sizes, default=0), mean=round(float(np.mean(sizes or [0])), 1),
-                                max=max(sizes, default=0)),
-                padding=round(1 - real / max(padded, 1), 3), decoder_padding=round(1 - decoder_real / max(decoder_padded, 1), 3),
-                skipped=dict(loader.skipped), oversize=loader.oversize)
+    return dict(
+        batches=len(sizes),
+        samples=total,
+        samples_per_s=round(total / max(seconds, 1e-9), 1),
+        share={k: round(v / max(total, 1), 3) for k, v in sorted(seen.items())},
+        target=loader.spec.weights if loader.spec.train else None,
+        batch_size=dict(
+            min=min(sizes, default=0), mean=round(float(np.mean(sizes or [0])), 1), max=max(sizes, default=0)
+        ),
+        padding=round(1 - real / max(padded, 1), 3),
+        decoder_padding=round(1 - decoder_real / max(decoder_padded, 1), 3),
+        skipped=dict(loader.skipped),
+        oversize=loader.oversize,
+    )
 
 # %% ../nbs/01_data.ipynb #d03c9cf5
 @call_parse

@@ -239,7 +239,9 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
 def sharded_shapes(path: str | Path) -> dict[str, tuple]:
     "Each model tensor's full shape in a DCP checkpoint, read from its metadata alone."
     entries = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    return {k[len("model."):]: tuple(v.size) for k, v in entries.items() if k.startswith("model.") and hasattr(v, "size")}
+    return {
+        k[len("model.") :]: tuple(v.size) for k, v in entries.items() if k.startswith("model.") and hasattr(v, "size")
+    }
 
 def load_whole_weights(model: nn.Module, tensors: dict[str, torch.Tensor]):
     "Whole tensors into `model`, cut into this rank's shards when it is sharded."
@@ -271,5 +273,7 @@ def wrap_model(model: nn.Module, cfg, rt: Runtime) -> nn.Module:
     strategy = resolve_strategy(cfg, rt)
     if strategy == "ddp": return wrap_ddp(model, rt)
     if rt.world == 1 and rt.device.type == "cpu":
-        warnings.warn("dist.strategy=fsdp in one CPU process shards nothing: dist.strategy=ddp or auto does the same with less")
+        warnings.warn(
+            "dist.strategy=fsdp in one CPU process shards nothing: dist.strategy=ddp or auto does the same with less"
+        )
     return shard_model(model, rt, cfg.dist.cpu_offload)

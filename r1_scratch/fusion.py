@@ -94,7 +94,9 @@ def assemble(blocks: list[tuple[str, torch.Tensor, torch.Tensor]], modality_embe
     embeds, modality, valid = [], [], []
     for name, tokens, mask in blocks:
         ids = torch.full(mask.shape, MODALITY_IDS[name], dtype=torch.long, device=mask.device)
-        embeds.append(tokens + modality_embedding(ids)); modality.append(ids); valid.append(mask)
+        embeds.append(tokens + modality_embedding(ids))
+        modality.append(ids)
+        valid.append(mask)
     valid = torch.cat(valid, 1)
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # real tokens count 0, 1, 2, ...
     return TokenSequence(torch.cat(embeds, 1), torch.cat(modality, 1), valid, positions)
@@ -120,7 +122,8 @@ class DecoderInputs(nn.Module):
     "Project image and audio tokens, embed text, assemble [image][audio][text] with a cross-modal mask."
     def __init__(self, enc_dim: int, dim: int, vocab_size: int, image_positions: str = "raster"):
         super().__init__()
-        self.image_positions = image_positions  # "grid": image tokens get 2-D codes (row, column) instead of reading order
+        # "grid": image tokens get 2-D codes (row, column) instead of reading order
+        self.image_positions = image_positions
         self.project = nn.ModuleDict({m: ModalityProjector(enc_dim, dim) for m in ("image", "audio")})
         self.modality_embedding = nn.Embedding(len(MODALITY_IDS), dim)
         self.token_embedding = nn.Embedding(vocab_size, dim)
@@ -130,15 +133,20 @@ class DecoderInputs(nn.Module):
 
     def position_codes(self, positions: torch.Tensor, length: int) -> torch.Tensor:
         "Scaled sin-cos codes (..., D) of `positions` (...), each below `length`: what the decoder adds to its inputs."
-        return self.position_gain * sinusoidal_positions(length, self.token_embedding.embedding_dim, positions.device)[positions]
+        return (
+            self.position_gain
+            * sinusoidal_positions(length, self.token_embedding.embedding_dim, positions.device)[positions]
+        )
 
     def sequence_codes(self, seq: TokenSequence, image_tokens: int) -> torch.Tensor:
         "(B, L, D) codes for an assembled sequence whose first `image_tokens` tokens are a square grid of patches."
         codes = self.position_codes(seq.positions, seq.positions.shape[1])
         if self.image_positions == "raster" or image_tokens == 0: return codes
         side = math.isqrt(image_tokens)
-        if side * side != image_tokens: raise ValueError(f"image_positions='grid' needs a square patch grid, got {image_tokens} tokens")
-        grid = self.position_gain * sincos_2d(side, side, codes.shape[-1], codes.device).flatten(0, 1)  # (N, D), row-major
+        if side * side != image_tokens:
+            raise ValueError(f"image_positions='grid' needs a square patch grid, got {image_tokens} tokens")
+        # (N, D), row-major
+        grid = self.position_gain * sincos_2d(side, side, codes.shape[-1], codes.device).flatten(0, 1)
         return torch.cat([grid.expand(codes.shape[0], -1, -1).to(codes.dtype), codes[:, image_tokens:]], 1)
 
     def forward(self, image: EncoderOutput, audio: EncoderOutput, input_ids, attention_mask,

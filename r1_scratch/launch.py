@@ -6,7 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, "") and "__file__" in globals():  # run as a file (torchrun r1_scratch/launch.py): import the package it belongs to
+# run as a file (torchrun r1_scratch/launch.py): import the package it belongs to
+if __package__ in (None, "") and "__file__" in globals():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "r1_scratch"
 
@@ -63,7 +64,8 @@ def resolve_config(config: str | None, preset: str | None, overrides: list[str])
     for name in ("train", "val", "tokenizer"):
         path = getattr(cfg.data, name)
         first = Path(path.split("{")[0])
-        if not first.is_absolute() and "://" not in path and not first.parent.exists() and (repo / first.parent).exists():
+        relative = not first.is_absolute() and "://" not in path
+        if relative and not first.parent.exists() and (repo / first.parent).exists():
             setattr(cfg.data, name, str(repo / path))
     return cfg
 
@@ -84,7 +86,8 @@ def run_stages(cfg: Config, stages: list[str], run_dir: Path, rt: Runtime) -> li
         done = stage_dir / "summary.json"
         if done.exists() and json.loads(done.read_text()).get("steps") == stage.steps:
             path = Checkpoints(stage_dir / "checkpoints").latest()
-            if path is None: raise CheckpointError(f"{stage_dir} has a summary but no checkpoint: remove it or use --fresh")
+            if path is None:
+                raise CheckpointError(f"{stage_dir} has a summary but no checkpoint: remove it or use --fresh")
             Checkpoints(stage_dir / "checkpoints").load(path, model, rt)
             log.info("stage %s already finished: loaded %s", name, path)
             summaries.append(json.loads(done.read_text()) | {"reused": True})
@@ -99,13 +102,17 @@ def validation_line(summary: dict) -> str:
     parts = []
     for kind in ("image", "audio"):
         if f"{kind}_t2x_R@1" in val:
-            parts.append(f"{kind} R@1 text→{kind} {val[f'{kind}_t2x_R@1']:.2f}, {kind}→text {val[f'{kind}_x2t_R@1']:.2f} "
-                         f"(chance {val[f'{kind}_chance_R@1']:.3f})")
+            parts.append(
+                f"{kind} R@1 text→{kind} {val[f'{kind}_t2x_R@1']:.2f}, {kind}→text {val[f'{kind}_x2t_R@1']:.2f} "
+                f"(chance {val[f'{kind}_chance_R@1']:.3f})"
+            )
     for task in QA_TASKS:
         if f"{task}_accuracy" in val:
             parts.append(f"{task} accuracy {val[f'{task}_accuracy']:.2f} (blind {val[f'{task}_blind']:.2f})")
         if summary.get(f"val_{task}_by_kind"):  # which questions it answers, not only how many
-            parts.append(f"{task} by kind: " + ", ".join(f"{k} {v:.2f}" for k, v in summary[f"val_{task}_by_kind"].items()))
+            parts.append(
+                f"{task} by kind: " + ", ".join(f"{k} {v:.2f}" for k, v in summary[f"val_{task}_by_kind"].items())
+            )
     shown = {k for k in val if "R@" in k or k.endswith(("_accuracy", "_blind", "_pairs"))}
     parts += [f"{k} {v:.3f}" for k, v in val.items() if k not in shown and k not in ("targets", "perplexity")]
     return "; ".join(parts) or "-"
@@ -135,11 +142,15 @@ def write_report(cfg: Config, summaries: list[dict], run_dir: Path, rt: Runtime,
     for s in summaries:
         skipped = sum((s.get("skipped_records") or {}).values())
         cell = lambda k, f="{:.3f}": f.format(s[k]) if isinstance(s.get(k), (int, float)) else "-"
-        lines.append(f"| {s['stage']}{' (reused)' if s.get('reused') else ''} | {s['steps']} | {cell('first_loss')} | "
-                     f"{cell('last_loss')} | {s.get('seconds', 0) / 60:.1f} | {cell('steady_targets_per_s', '{:.0f}')} | "
-                     f"{cell('data_wait_share', '{:.0%}')} | {skipped} |")
+        lines.append(
+            f"| {s['stage']}{' (reused)' if s.get('reused') else ''} | {s['steps']} | {cell('first_loss')} | "
+            f"{cell('last_loss')} | {s.get('seconds', 0) / 60:.1f} | {cell('steady_targets_per_s', '{:.0f}')} | "
+            f"{cell('data_wait_share', '{:.0%}')} | {skipped} |"
+        )
     lines += rl_table(summaries, run_dir)
-    lines += ["", "Validation (held-out shards):", ""] + [f"- **{s['stage']}**: {validation_line(s)}" for s in summaries]
+    lines += ["", "Validation (held-out shards):", ""] + [
+        f"- **{s['stage']}**: {validation_line(s)}" for s in summaries
+    ]
     for s in [s for s in summaries if (run_dir / s["stage"] / "training.png").exists()]:  # 800 px: readable
         lines += ["", f"### {s['stage']}", "", f'<img src="{s["stage"]}/training.png" width="800" alt="{s["stage"]}">']
     text = "\n".join(lines) + "\n"
@@ -161,7 +172,9 @@ def val_sources(cfg: Config) -> list[str]:
     names = dict.fromkeys(n for st in cfg.stages.values() for n in (st.mixture or cfg.data.mixture))
     found = []
     for name in names:
-        try: expand_shards(cfg.data.val.replace("{task}", name)); found.append(name)
+        try:
+            expand_shards(cfg.data.val.replace("{task}", name))
+            found.append(name)
         except FileNotFoundError: pass
     if not found: raise CheckpointError(f"no validation shards for any of {list(names)} in {cfg.data.val!r}")
     return found
@@ -171,7 +184,9 @@ def evaluate_model(model, cfg: Config, sources: list[str], batches: int = 50, an
     tok = TextTokenizer.from_file(cfg.data.tokenizer)
     lm = {s: lm_evaluate(model, build_loader(cfg, "val", {s: 1.0}, num_workers=0), batches) for s in sources}
     targets = sum(r["targets"] for r in lm.values())
-    overall = {k: round(sum(r[k] * r["targets"] for r in lm.values()) / max(targets, 1), 4) for k in ("loss", "accuracy")}
+    overall = {
+        k: round(sum(r[k] * r["targets"] for r in lm.values()) / max(targets, 1), 4) for k in ("loss", "accuracy")
+    }
     options = pretrain_options(cfg.stages.get("pretrain"))
     out = dict(language_model=dict(overall=overall | {"targets": targets}, tasks=lm),
                pretrain=pretrain_evaluate(model, cfg, sources, tok, options, max_batches=batches))
@@ -204,7 +219,8 @@ def evaluate_checkpoint(path: str | os.PathLike, shards: str | None = None, batc
 def consolidate_checkpoint(path: str | os.PathLike) -> Path:
     "Write a sharded (DCP) checkpoint's weights as one model.safetensors beside them; return its path."
     ckpt = find_checkpoint(path)
-    if not (ckpt / "dcp").exists(): raise CheckpointError(f"{ckpt} is not sharded: its model.safetensors is the whole model")
+    if not (ckpt / "dcp").exists():
+        raise CheckpointError(f"{ckpt} is not sharded: its model.safetensors is the whole model")
     meta = json.loads((ckpt / "meta.json").read_text())
     model = R1Model(config_from_dict(meta["config"]).model)
     Checkpoints(ckpt.parent).load(ckpt, model)
@@ -215,21 +231,32 @@ def consolidate_checkpoint(path: str | os.PathLike) -> Path:
 
 # %% ../nbs/21_launch.ipynb #e77d2421
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="launch.py", description="Train r1-scratch stages, or evaluate a checkpoint.",
-                                epilog="Examples: torchrun --nproc_per_node=4 r1_scratch/launch.py --preset small | "
-                                       "python -m r1_scratch.launch --eval runs/tiny --shards 'data_samples/val/{task}-{000000..000001}.tar'")
+    p = argparse.ArgumentParser(
+        prog="launch.py",
+        description="Train r1-scratch stages, or evaluate a checkpoint.",
+        epilog="Examples: torchrun --nproc_per_node=4 r1_scratch/launch.py --preset small | "
+        "python -m r1_scratch.launch --eval runs/tiny --shards 'data_samples/val/{task}-{000000..000001}.tar'",
+    )
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("--preset", help=f"preset name, when no --config: {', '.join(PRESETS)} (default tiny)")
     p.add_argument("--stages", nargs="+", help="stages to run, in config order (default: all that exist)")
     p.add_argument("--name", help="run name: runs/<name>/ (default: train.run_name, else the preset)")
     p.add_argument("--fresh", action="store_true", help="delete runs/<name>/ first instead of resuming it")
-    p.add_argument("--eval", metavar="CHECKPOINT", help="evaluate this checkpoint (or stage/run directory) and print JSON")
+    p.add_argument(
+        "--eval", metavar="CHECKPOINT", help="evaluate this checkpoint (or stage/run directory) and print JSON"
+    )
     p.add_argument("--consolidate", metavar="CHECKPOINT",
                    help="write a sharded (FSDP) checkpoint's weights as one model.safetensors beside them")
-    p.add_argument("--shards", help="with --eval: shard pattern to evaluate on (may contain {task}); default the val split")
+    p.add_argument(
+        "--shards", help="with --eval: shard pattern to evaluate on (may contain {task}); default the val split"
+    )
     p.add_argument("--batches", type=int, default=50, help="with --eval: batches per task at most")
-    p.add_argument("--answers", type=int, default=64,
-                   help="with --eval: questions scored per QA task at most (60 val questions give +-0.06; more shards, more)")
+    p.add_argument(
+        "--answers",
+        type=int,
+        default=64,
+        help="with --eval: questions scored per QA task at most (60 val questions give +-0.06; more shards, more)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=100")
     args = p.parse_args(argv)
     if args.stages:  # `--stages sft train.lr=1e-3`: the list swallows what follows it; a key=value is an override
@@ -253,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(args.config, args.preset, args.overrides)
         stages = select_stages(cfg, args.stages)
     except (ConfigError, CheckpointError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr); return 2
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     rt = init_distributed(cfg.train.precision, cfg.dist.timeout_minutes)
     setup_logging(rt)
     run_dir = Path(cfg.train.out_dir) / (args.name or cfg.train.run_name or cfg.preset)
@@ -266,9 +294,27 @@ def main(argv: list[str] | None = None) -> int:
     if rt.is_main:
         report = write_report(cfg, summaries, run_dir, rt, time.perf_counter() - t0)
         print(report)
-        print(json.dumps({s["stage"]: {k: s.get(k) for k in ("steps", "last_loss", "val_loss", "val_accuracy",
-                                   "steady_tokens_per_s", "steady_targets_per_s", "data_wait_share", "model_tflops_per_s",
-                                   "peak_gpu_gb")} for s in summaries}))
+        print(
+            json.dumps(
+                {
+                    s["stage"]: {
+                        k: s.get(k)
+                        for k in (
+                            "steps",
+                            "last_loss",
+                            "val_loss",
+                            "val_accuracy",
+                            "steady_tokens_per_s",
+                            "steady_targets_per_s",
+                            "data_wait_share",
+                            "model_tflops_per_s",
+                            "peak_gpu_gb",
+                        )
+                    }
+                    for s in summaries
+                }
+            )
+        )
     shutdown(rt)
     return 0
 

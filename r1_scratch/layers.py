@@ -87,7 +87,9 @@ class MultiHeadAttention(nn.Module):
         self.q = nn.Linear(dim, dim, bias=bias)
         self.kv = nn.Linear(dim, 2 * dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
-        self.q_norm, self.k_norm = (RMSNorm(self.head_dim), RMSNorm(self.head_dim)) if qk_norm else (nn.Identity(), nn.Identity())
+        self.q_norm, self.k_norm = (
+            (RMSNorm(self.head_dim), RMSNorm(self.head_dim)) if qk_norm else (nn.Identity(), nn.Identity())
+        )
 
     def _heads(self, x):  # (B, L, D) -> (B, H, L, d)
         return x.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)

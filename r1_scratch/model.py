@@ -70,9 +70,11 @@ class TrainingHeads(nn.Module):
         self.mlm = MaskedLMHead(m.d_model, m.vocab_size, embedding=text_embedding)
         self.patch = nn.Linear(m.d_model, m.patch_size ** 2 * m.image_channels)     # one token -> its pixels
         self.mel = nn.Linear(m.d_model, 2 ** m.audio_conv_layers * m.n_mels)        # one token -> its mel frames
-        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))      # CLIP's temperature; (1,): FSDP shards no scalars
+        # CLIP's temperature; (1,): FSDP shards no scalars
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.log_var = nn.Parameter(torch.zeros(len(PRETRAIN_LOSSES)))              # uncertainty weights, stage 1
-        init_weights(self.patch, 1); init_weights(self.mel, 1)
+        init_weights(self.patch, 1)
+        init_weights(self.mel, 1)
 
 # %% ../nbs/10_model.ipynb #84a406a6
 @dataclass
@@ -86,8 +88,11 @@ class ModelOutput:
 
 def _empty(batch_size: int, dim: int, like: torch.Tensor) -> EncoderOutput:
     "A modality block of length 0, for a batch that has none of it."
-    return EncoderOutput(like.new_zeros(batch_size, 0, dim), torch.zeros(batch_size, 0, dtype=torch.bool, device=like.device),
-                         like.new_zeros(batch_size, dim))
+    return EncoderOutput(
+        like.new_zeros(batch_size, 0, dim),
+        torch.zeros(batch_size, 0, dtype=torch.bool, device=like.device),
+        like.new_zeros(batch_size, dim),
+    )
 
 class R1Model(nn.Module):
     "Encoders + projectors + a decoder of dense/MoE blocks + a tied LM head."
@@ -107,7 +112,11 @@ class R1Model(nn.Module):
         "Image and audio tokens; a modality that no sample of the batch has is skipped (a host sync, once per step)."
         B, D = batch["input_ids"].shape[0], self.cfg.d_model
         like = self.inputs.token_embedding.weight
-        image = self.encoders.vision(batch["images"], batch["has_image"]) if batch["has_image"].any() else _empty(B, D, like)
+        image = (
+            self.encoders.vision(batch["images"], batch["has_image"])
+            if batch["has_image"].any()
+            else _empty(B, D, like)
+        )
         has_audio = batch["audio_lengths"] > 0
         audio = self.encoders.audio(batch["audio"], batch["audio_lengths"]) if has_audio.any() else _empty(B, D, like)
         return image, audio
@@ -121,7 +130,8 @@ class R1Model(nn.Module):
         "The decoder over the batch's image, audio and text tokens; what an objective calls instead of `self(batch)`."
         image, audio = self.encode_prefix(batch)
         seq, mask = self.inputs(image, audio, batch["input_ids"], batch["attention_mask"])
-        codes = self.inputs.sequence_codes(seq, image.tokens.shape[1])  # positions count real tokens; image: see 07_fusion
+        # positions count real tokens; image: see 07_fusion
+        codes = self.inputs.sequence_codes(seq, image.tokens.shape[1])
         x = seq.embeds + codes.to(seq.embeds.dtype)
         info = TokenInfo(seq.valid, seq.modality, sequence_complexity(seq.valid, self.max_len), real_tokens(seq.valid),
                          seq.positions)
@@ -151,7 +161,8 @@ class R1Model(nn.Module):
 
 # %% ../nbs/10_model.ipynb #1517080b
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    "Next-token cross-entropy of every position, (B, L - 1), 0 where the label is -100: logits (B, L, V), labels (B, L)."
+    """Next-token cross-entropy of every position, (B, L - 1), 0 where the label is -100: logits (B, L, V), labels (B,
+    L)."""
     shifted = labels[:, 1:]
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=-100,
                            reduction="none").view(shifted.shape)
@@ -174,7 +185,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     "(B, V) logits -> (B,) token ids: greedy at temperature 0, else sampled after top-k and top-p filtering."
     if temperature == 0: return logits.argmax(-1)
     logits = logits.float() / temperature
-    if top_k: logits = logits.masked_fill(logits < logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:], float("-inf"))
+    if top_k:
+        logits = logits.masked_fill(
+            logits < logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:], float("-inf")
+        )
     if top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
         before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)  # mass of the tokens ranked above
@@ -188,7 +202,8 @@ def generate(model: R1Model, batch: dict, max_new_tokens: int = 32, temperature:
              top_p: float = 1.0, eos_id: int | None = None, generator: torch.Generator | None = None,
              use_cache: bool = True) -> list[list[int]]:
     "Continue each prompt of `batch` (input_ids right-padded, attention_mask) -> new token ids per sample."
-    if not use_cache: return _generate_recompute(model, batch, max_new_tokens, temperature, top_k, top_p, eos_id, generator)
+    if not use_cache:
+        return _generate_recompute(model, batch, max_new_tokens, temperature, top_k, top_p, eos_id, generator)
     out = model(batch, return_kv=True)
     last = batch["attention_mask"].sum(1) - 1                     # each prompt's last real token
     logits = out.logits[torch.arange(len(last)), last]
@@ -198,7 +213,8 @@ def generate(model: R1Model, batch: dict, max_new_tokens: int = 32, temperature:
     new, done, kv = [], torch.zeros_like(position, dtype=torch.bool), out.kv
     for _ in range(max_new_tokens):
         token = sample_next(logits, temperature, top_k, top_p, generator)
-        new.append(token); done = done | (token == eos_id) if eos_id is not None else done
+        new.append(token)
+        done = done | (token == eos_id) if eos_id is not None else done
         if done.all(): break
         x = model.inputs.token_embedding(token)[:, None] + model.inputs.modality_embedding(text_id)
         x = x + model.inputs.position_codes(position[:, None], valid.shape[1] + 1).to(x.dtype)
@@ -222,7 +238,8 @@ def _generate_recompute(model, batch, max_new_tokens, temperature, top_k, top_p,
         ids, mask = F.pad(ids, (0, 1)), F.pad(mask, (0, 1))
         logits = model({**batch, "input_ids": ids, "attention_mask": mask}).logits[torch.arange(len(n)), n - 1]
         token = sample_next(logits, temperature, top_k, top_p, generator)
-        ids = ids.scatter(1, n[:, None], token[:, None]); mask = mask.scatter(1, n[:, None], True)
+        ids = ids.scatter(1, n[:, None], token[:, None])
+        mask = mask.scatter(1, n[:, None], True)
         new.append(token)
         if eos_id is not None and (torch.stack(new, 1) == eos_id).any(1).all(): break
     return _trim(torch.stack(new, 1), eos_id)
@@ -253,7 +270,9 @@ def _matmul_params(module: nn.Module) -> int:
 def _token_counts(model: R1Model, batch: dict) -> tuple[int, int, torch.Tensor]:
     "Real text tokens, images, and audio frames per sample of a batch."
     has_audio = batch["audio_lengths"] > 0
-    frames = model.encoders.audio.frame_lengths(batch["audio_lengths"]) * has_audio if has_audio.any() else has_audio.long()
+    frames = (
+        model.encoders.audio.frame_lengths(batch["audio_lengths"]) * has_audio if has_audio.any() else has_audio.long()
+    )
     return batch["attention_mask"].sum().item(), batch["has_image"].sum().item(), frames
 
 def count_tokens(model: R1Model, batch: dict) -> int:
@@ -265,7 +284,9 @@ def model_flops(model: R1Model, batch: dict) -> float:
     "Training FLOPs (forward + backward) of one batch: 6 x active matmul parameters x tokens + attention."
     m = model.cfg
     routed = sum(_params(layer.experts) for layer in model.moe_layers)
-    decoder = _matmul_params(model.blocks) - routed * (1 - m.top_k / m.n_experts) + _matmul_params(model.inputs.project) / 2
+    decoder = (
+        _matmul_params(model.blocks) - routed * (1 - m.top_k / m.n_experts) + _matmul_params(model.inputs.project) / 2
+    )
     text_tokens, images, frame_counts = _token_counts(model, batch)
     frames = frame_counts.sum().item()
     tokens = text_tokens + images * m.n_patches + frames                  # real decoder tokens

@@ -42,7 +42,9 @@ class Router(nn.Module):
                  n_groups: int = 1, top_groups: int = 1):      # group-limited routing (DeepSeek-V3): see below
         super().__init__()
         if n_experts % n_groups or not 1 <= top_groups <= n_groups:
-            raise ValueError(f"n_groups={n_groups} must divide n_experts={n_experts} and top_groups={top_groups} be in [1, n_groups]")
+            raise ValueError(
+                f"n_groups={n_groups} must divide n_experts={n_experts} and top_groups={top_groups} be in [1, n_groups]"
+            )
         if not 1 <= top_k <= n_experts: raise ValueError(f"top_k={top_k} must be in [1, n_experts={n_experts}]")
         if score not in ("softmax", "sigmoid"): raise ValueError(f"score must be 'softmax' or 'sigmoid', not {score!r}")
         if modality_routing != "none" and expert_modalities is None:
@@ -86,26 +88,32 @@ class Router(nn.Module):
         return Routing(experts, gates / gates.sum(-1, keepdim=True), logits, probs)
 
 def limit_groups(choice: torch.Tensor, n_groups: int, top_groups: int) -> torch.Tensor:
-    "Keep only each token's `top_groups` best expert groups (scored by the sum of their two best experts); -inf elsewhere."
+    """Keep only each token's `top_groups` best expert groups (scored by the sum of their two best experts); -inf
+    elsewhere."""
     T, E = choice.shape
     per_group = choice.view(T, n_groups, E // n_groups)
     group_score = per_group.topk(min(2, E // n_groups), dim=-1).values.sum(-1)  # (T, G)
-    keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, group_score.topk(top_groups, dim=-1).indices, True)
+    keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(
+        1, group_score.topk(top_groups, dim=-1).indices, True
+    )
     return per_group.masked_fill(~keep[..., None], float("-inf")).view(T, E)
 
 def _fp32_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     "Run `net` on x in fp32, whatever the dtype of its weights or of x."
-    if isinstance(net, nn.Linear): return F.linear(x.float(), net.weight.float(), None if net.bias is None else net.bias.float())
+    if isinstance(net, nn.Linear):
+        return F.linear(x.float(), net.weight.float(), None if net.bias is None else net.bias.float())
     for layer in net: x = _fp32_forward(layer, x) if isinstance(layer, nn.Linear) else layer(x)
     return x
 
 # %% ../nbs/08_moe.ipynb #db6251c4
 class Experts(nn.Module):
-    "E experts of one shape with stacked weights: w_in (E, D, 2H if gated else H), w_out (E, H, D); dropout on the hidden."
+    """E experts of one shape with stacked weights: w_in (E, D, 2H if gated else H), w_out (E, H, D); dropout on the
+    hidden."""
     def __init__(self, n_experts: int, dim: int, hidden: int, std: float = 0.02, dropout: float = 0.0,
                  activation: str = "swiglu"):
         super().__init__()
-        if activation not in ACTIVATIONS: raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, not {activation!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, not {activation!r}")
         self.activation, gated = activation, ACTIVATIONS[activation][1]
         self.w_in = nn.Parameter(torch.randn(n_experts, dim, (2 if gated else 1) * hidden) * std)
         self.w_out = nn.Parameter(torch.randn(n_experts, hidden, dim) * std)
@@ -148,7 +156,8 @@ def dispatch_gather(x: torch.Tensor, routing: Routing, experts: Experts) -> torc
 # %% ../nbs/08_moe.ipynb #57d764c4
 @dataclass
 class Sorted:
-    "T·k assignments sorted by expert: flat assignment of each row, sorted row of each assignment, token of each row, rows per expert, cumulative ends."
+    """T·k assignments sorted by expert: flat assignment of each row, sorted row of each assignment, token of each row,
+    rows per expert, cumulative ends."""
     order: torch.Tensor    # (T·k,) sorted row -> flat assignment index t·k + j
     inverse: torch.Tensor  # (T·k,) flat assignment -> sorted row
     token: torch.Tensor    # (T·k,) sorted row -> token t
@@ -182,7 +191,9 @@ def sort_by_expert(routing: Routing, n_experts: int, method: str = "count") -> S
     return Sorted(order, inverse, token, counts, counts.cumsum(0))
 
 # %% ../nbs/08_moe.ipynb #f5988c81
-def grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_matmul(
+    rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
     "rows (N, K) sorted by expert @ weights (E, K, M), each expert's slice with its own matrix -> (N, M)."
     if rows.is_cuda and rows.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
         return torch._grouped_mm(rows, weights, offs=offsets.to(torch.int32))
@@ -359,28 +370,32 @@ class MoELayer(nn.Module):
         self.experts = Experts(n_experts, dim, hidden, std, expert_dropout) if families is None else \
                        ExpertFamilies(families, dim, std, expert_dropout)
         if families is not None:
-            with torch.no_grad(): self.router.complexity.copy_(torch.tensor([f.complexity for f in families for _ in range(f.n)]))
+            with torch.no_grad():
+                self.router.complexity.copy_(torch.tensor([f.complexity for f in families for _ in range(f.n)]))
         self.dispatch = dispatch
         self.shared = MLP(dim, n_shared * hidden, "swiglu") if n_shared else None  # DeepSeekMoE's always-on experts
         self._load = self._dropped = None  # sums over the current optimizer step (see end_step)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, modality: torch.Tensor | None = None,
                 complexity: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """x (B, L, D); mask, modality (ids), complexity: (B, L) -> (y (B, L, D), {'balance', 'z', 'routing', 'dropped'}).
+        """x (B, L, D); mask, modality (ids), complexity: (B, L)
+        -> (y (B, L, D), {'balance', 'z', 'routing', 'dropped'}).
         `keep`: mask's real tokens as flat indices, where the caller has them: finding them (`nonzero`) waits for the
         GPU, and a decoder's MoE layers share one mask, so it finds them once, not once a layer."""
         flat = x.reshape(-1, x.shape[-1])
         if keep is None and mask is not None: keep = real_tokens(mask)  # real tokens only
         pick = (lambda t: None if t is None else t.reshape(-1)) if keep is None else \
                (lambda t: None if t is None else t.reshape(-1)[keep])
-        tokens = flat if keep is None else flat.index_select(0, keep)  # (T, D); its backward is an index_add, flat[keep]'s a slower sort-based index_put
+        # (T, D); its backward is an index_add, flat[keep]'s a slower sort-based index_put
+        tokens = flat if keep is None else flat.index_select(0, keep)
         routing, dropped = apply_capacity(self.router(tokens, pick(modality), pick(complexity)),
                                           self.experts.n_experts, self.capacity_factor)
         y = DISPATCH[self.dispatch](tokens, routing, self.experts)
         if self.shared is not None: y = y + self.shared(tokens)
         y = y.to(flat.dtype)  # the residual stream's dtype: bf16 under FSDP's bf16 weights, fp32 under autocast
         out = y if keep is None else torch.zeros_like(flat).index_copy_(0, keep, y)
-        if self.training and not recomputing(): self._accumulate(routing, dropped)  # once, not again in a checkpoint's rerun
+        # once, not again in a checkpoint's rerun
+        if self.training and not recomputing(): self._accumulate(routing, dropped)
         losses = dict(balance=load_balance_loss(routing, self.experts.n_experts), z=router_z_loss(routing),
                       routing=routing, dropped=dropped)
         return out.view_as(x), losses
@@ -393,7 +408,8 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def end_step(self, bias_rate: float = 0.0) -> dict:
-        "Close an optimizer step: sum its loads over ranks, update the balancing bias once, return the step's statistics."
+        """Close an optimizer step: sum its loads over ranks, update the balancing bias once, return the step's
+        statistics."""
         distributed = is_distributed()
         if self._load is None and not distributed: return {}
         if self._load is None:  # no token reached this layer here (an image-only batch): still join the sum

@@ -32,7 +32,9 @@ def batch_modality(batch: dict) -> str:
 # %% ../nbs/13_stage1_pretrain.ipynb #d36b94ea
 def special_ids(tok: TextTokenizer) -> list[int]:
     "Ids of the tokenizer's special tokens (padding, bos, eos, mask, roles)."
-    return [i for i in (tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id, tok.user_id, tok.assistant_id) if i is not None]
+    return [
+        i for i in (tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id, tok.user_id, tok.assistant_id) if i is not None
+    ]
 
 def text_losses(model, batch: dict, tok: TextTokenizer, p: float = 0.15) -> dict:
     "Masked-LM loss of the text encoder (unless p = 0) and causal-LM loss of the decoder, each a mean over its targets."

@@ -71,7 +71,11 @@ def random_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: in
     cell, objects = IMAGE_SIZE / GRID, []
     n = int(rng.integers(min_objects, max_objects + 1))
     for i in sorted(int(c) for c in rng.choice(GRID * GRID, size=n, replace=False)):
-        shape, colour, size = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))], SIZES[rng.integers(2)]
+        shape, colour, size = (
+            SHAPES[rng.integers(len(SHAPES))],
+            list(COLOURS)[rng.integers(len(COLOURS))],
+            SIZES[rng.integers(2)],
+        )
         slack = cell / 2 - RADIUS[size] - 1.5  # jitter inside the cell, never past its edge
         x, y = np.array([i % GRID + 0.5, i // GRID + 0.5]) * cell + rng.uniform(-slack, slack, 2)
         objects.append(dict(shape=shape, colour=colour, size=size, position=POSITIONS[i],
@@ -139,8 +143,15 @@ def caption_scene(scene: dict, rng: np.random.Generator, short: bool = False) ->
     listed = join_phrases([describe_object(o) for o in objects])
     count = f"{NUMBER_WORDS[n]} shape{'s' * (n > 1)}"
     by_place = "; ".join(f"{PLACES[o['position']]}, {describe_object(o, place=False)}" for o in objects)
-    templates = [listed, f"{count}: {listed}", f"There is {listed}.", f"{sentence(listed)} on a {background} background.",
-                 f"A picture of {listed}.", f"{sentence(by_place)}.", f"{sentence(count)} on a {background} background: {listed}."]
+    templates = [
+        listed,
+        f"{count}: {listed}",
+        f"There is {listed}.",
+        f"{sentence(listed)} on a {background} background.",
+        f"A picture of {listed}.",
+        f"{sentence(by_place)}.",
+        f"{sentence(count)} on a {background} background: {listed}.",
+    ]
     if short: templates = [templates[0], templates[2], templates[4]]  # spoken: no count, background or list by place
     return templates[rng.integers(len(templates))]
 
@@ -304,12 +315,19 @@ def speech_record(rng: np.random.Generator, i: int, split: str) -> dict:
 
 # %% ../nbs/02_samples.ipynb #627c4c07
 SHAPE_FACTS = {
-    "circle": ["A circle is perfectly round and has no corners.", "Every point of a circle is as far from its centre as any other."],
+    "circle": [
+        "A circle is perfectly round and has no corners.",
+        "Every point of a circle is as far from its centre as any other.",
+    ],
     "square": ["A square has four equal sides and four right angles.", "A square has four corners."],
     "triangle": ["A triangle has three sides and three corners.", "The angles of a triangle add up to 180 degrees."],
-    "star": ["The stars in our pictures have five points.", "A five-pointed star has ten corners, five pointing out and five pointing in."],
+    "star": [
+        "The stars in our pictures have five points.",
+        "A five-pointed star has ten corners, five pointing out and five pointing in.",
+    ],
     "cross": ["A cross is two bars that meet in the middle.", "A plus sign is a cross with arms of equal length."],
-    "diamond": ["A diamond is a square standing on one of its corners.", "A diamond has four sides and four corners."]}
+    "diamond": ["A diamond is a square standing on one of its corners.", "A diamond has four sides and four corners."],
+}
 COLOUR_FACTS = ["Red and yellow paint mix to make orange.", "Blue and yellow paint mix to make green.",
                 "Red and blue paint mix to make purple.", "Red and white paint mix to make pink.",
                 "A lemon is yellow and a strawberry is red.", "Grass is green and a clear sky is blue.",
@@ -365,7 +383,9 @@ def text_record(rng: np.random.Generator, i: int, split: str) -> dict:
     return {"txt": "\n\n".join(paragraphs), "json": dict(task="text", source="text")}
 
 # %% ../nbs/02_samples.ipynb #335b3220
-def scene_where(rng: np.random.Generator, ok: Callable[[dict], bool], min_objects: int = 1, max_objects: int = 3) -> dict:
+def scene_where(
+    rng: np.random.Generator, ok: Callable[[dict], bool], min_objects: int = 1, max_objects: int = 3
+) -> dict:
     "A random scene for which `ok(scene)` holds (drawn again until it does)."
     for _ in range(10_000):
         scene = random_scene(rng, min_objects, max_objects)
@@ -385,14 +405,27 @@ def instruct_record(rng: np.random.Generator, i: int, split: str) -> dict:
     caption = caption_scene(scene, rng, short=kind in (1, 2))
     if kind in (0, 1, 3): record["png"] = png_bytes(render_scene(scene))
     if kind == 0:
-        meta = dict(instruction=pick(rng, ["Describe the image.", "What is in this picture?", "Write a caption for this image."]),
-                    response=caption)
+        meta = dict(
+            instruction=pick(
+                rng, ["Describe the image.", "What is in this picture?", "Write a caption for this image."]
+            ),
+            response=caption,
+        )
     elif kind == 1:
         match = (i // 4) % 2 == 0
-        spoken = caption if match else caption_scene(scene_where(rng, lambda s: s["objects"] != scene["objects"], 1, 2), rng, short=True)
+        spoken = (
+            caption
+            if match
+            else caption_scene(scene_where(rng, lambda s: s["objects"] != scene["objects"], 1, 2), rng, short=True)
+        )
         record["flac"], voice = speech_clip(spoken, rng)
-        meta = dict(instruction="Does the audio describe the image? Answer yes or no.", response="yes" if match else "no",
-                    answer="yes" if match else "no", transcript=spoken, **voice)
+        meta = dict(
+            instruction="Does the audio describe the image? Answer yes or no.",
+            response="yes" if match else "no",
+            answer="yes" if match else "no",
+            transcript=spoken,
+            **voice
+        )
     elif kind == 2:
         record["flac"], voice = speech_clip(caption, rng)
         meta = dict(instruction=pick(rng, ["Write down what the speaker says.", "Transcribe the audio."]),
@@ -413,16 +446,29 @@ def count_reasoning(rng: np.random.Generator) -> tuple[str, str, str]:
     "Count the shapes of a described scene that have one property: (problem, worked steps, answer)."
     scene = random_scene(rng, 3, 5)
     objects, what = scene["objects"], int(rng.integers(3))
-    if what == 0: colour = pick(rng, [o["colour"] for o in objects] + list(COLOURS)); keep, label = (lambda o: o["colour"] == colour), f"{colour} shapes"
-    elif what == 1: size = pick(rng, SIZES); keep, label = (lambda o: o["size"] == size), f"{size} shapes"
-    else: row = pick(rng, ROWS); keep, label = (lambda o: o["position"] in ROWS[row]), f"shapes in the {row}"
+    if what == 0:
+        colour = pick(rng, [o["colour"] for o in objects] + list(COLOURS))
+        keep, label = (lambda o: o["colour"] == colour), f"{colour} shapes"
+    elif what == 1:
+        size = pick(rng, SIZES)
+        keep, label = (lambda o: o["size"] == size), f"{size} shapes"
+    else:
+        row = pick(rng, ROWS)
+        keep, label = (lambda o: o["position"] in ROWS[row]), f"shapes in the {row}"
     kept = [describe_object(o, place=False).replace("a ", "the ", 1) for o in objects if keep(o)]
     problem = (f"A picture has a {scene['background']} background. In it there is "
                f"{join_phrases([describe_object(o) for o in objects])}. How many {label} are there?")
     listed = join_phrases([f"{describe_object(o, place=False)} ({o['position']})" for o in objects])
-    steps = [f"Step 1: List the shapes: {listed}.",
-             f"Step 2: The {label} {'is' if len(kept) == 1 else 'are'} {join_phrases(kept)}." if kept else f"Step 2: There are no {label}.",
-             f"Step 3: Counting them gives {len(kept)}.", f"Answer: {len(kept)}"]
+    steps = [
+        f"Step 1: List the shapes: {listed}.",
+        (
+            f"Step 2: The {label} {'is' if len(kept) == 1 else 'are'} {join_phrases(kept)}."
+            if kept
+            else f"Step 2: There are no {label}."
+        ),
+        f"Step 3: Counting them gives {len(kept)}.",
+        f"Answer: {len(kept)}",
+    ]
     return problem, " ".join(steps), str(len(kept))
 
 # %% ../nbs/02_samples.ipynb #a7c51a5e
@@ -430,7 +476,8 @@ def story_reasoning(rng: np.random.Generator) -> tuple[str, str, str]:
     "A shopping story with three operations: (problem, worked steps, answer)."
     name, friend = [str(s) for s in rng.choice(NAMES, 2, replace=False)]
     item, a, packs, each = pick(rng, ITEMS), int(rng.integers(2, 30)), int(rng.integers(2, 6)), int(rng.integers(2, 10))
-    bought = packs * each; given = int(rng.integers(1, a + bought))
+    bought = packs * each
+    given = int(rng.integers(1, a + bought))
     problem = (f"{name} has {a} {item}. At a shop, {name} buys {packs} packs with {each} {item} in each pack. "
                f"Later {name} gives {given} {item} to {friend}. How many {item} does {name} have now?")
     steps = (f"Step 1: The packs hold {packs} * {each} = {bought} {item}. Step 2: After the shop {name} has "
@@ -443,10 +490,14 @@ def corners_reasoning(rng: np.random.Generator) -> tuple[str, str, str]:
     shapes = [str(s) for s in rng.choice(list(CORNERS), int(rng.integers(2, 4)), replace=False)]
     counts = [int(rng.integers(1, 6)) for _ in shapes]
     known = join_phrases([f"a {s} has {CORNERS[s]} corners" for s in shapes])
-    problem = (f"In our pictures {known}. A drawing shows {join_phrases([f'{c} {plural(s) if c > 1 else s}' for s, c in zip(shapes, counts)])}. "
+    drawn = join_phrases([f"{c} {plural(s) if c > 1 else s}" for s, c in zip(shapes, counts)])
+    problem = (f"In our pictures {known}. A drawing shows {drawn}. "
                "How many corners are there in total?")
     parts = [c * CORNERS[s] for s, c in zip(shapes, counts)]
-    steps = [f"Step {j + 1}: The {plural(s)} have {c} * {CORNERS[s]} = {p} corners." for j, (s, c, p) in enumerate(zip(shapes, counts, parts))]
+    steps = [
+        f"Step {j + 1}: The {plural(s)} have {c} * {CORNERS[s]} = {p} corners."
+        for j, (s, c, p) in enumerate(zip(shapes, counts, parts))
+    ]
     steps.append(f"Step {len(shapes) + 1}: Adding them gives {' + '.join(map(str, parts))} = {sum(parts)}.")
     return problem, " ".join(steps + [f"Answer: {sum(parts)}"]), str(sum(parts))
 
@@ -456,7 +507,9 @@ MOVES = {"above": (-1, 0), "below": (1, 0), "to the left of": (0, -1), "to the r
 def grid_reasoning(rng: np.random.Generator) -> tuple[str, str, str]:
     "Follow two or three moves on the 3×3 grid: (problem, worked steps, answer)."
     row, col = int(rng.integers(3)), int(rng.integers(3))
-    names = [f"{c} {s}" for c, s in zip(rng.choice(list(COLOURS), 4, replace=False), rng.choice(SHAPES, 4, replace=False))]
+    names = [
+        f"{c} {s}" for c, s in zip(rng.choice(list(COLOURS), 4, replace=False), rng.choice(SHAPES, 4, replace=False))
+    ]
     place = PLACES[POSITIONS[3 * row + col]]
     problem = [f"Shapes sit on a 3 by 3 grid. The {names[0]} is {place}."]
     steps = [f"Step 1: The {names[0]} is {place}."]
@@ -502,21 +555,27 @@ def scene_question_of_kind(rng: np.random.Generator, kind: int) -> tuple[dict, s
     "A scene, a question of kind `SCENE_QUESTION_KINDS[kind]` about it, and its one answer."
     has_unique = lambda s: any(count_of(s, shape=o["shape"]) == 1 for o in s["objects"])
     if kind == 0:
-        scene = scene_where(rng, has_unique); o = unique_shape(scene, rng)
+        scene = scene_where(rng, has_unique)
+        o = unique_shape(scene, rng)
         return scene, f"What colour is the {o['shape']}?", o["colour"]
     if kind == 1:
-        scene = random_scene(rng); return scene, "How many shapes are there?", str(len(scene["objects"]))
+        scene = random_scene(rng)
+        return scene, "How many shapes are there?", str(len(scene["objects"]))
     if kind == 2:
-        scene = random_scene(rng); o = pick(rng, scene["objects"])
+        scene = random_scene(rng)
+        o = pick(rng, scene["objects"])
         return scene, f"What shape is {PLACES[o['position']]}?", o["shape"]
     if kind == 3:
-        axis = pick(rng, "xy"); scene = scene_where(rng, lambda s: extreme(s, axis) is not None, 2)
+        axis = pick(rng, "xy")
+        scene = scene_where(rng, lambda s: extreme(s, axis) is not None, 2)
         question = "Which shape is furthest to the left?" if axis == "x" else "Which shape is nearest the top?"
         return scene, question, extreme(scene, axis)["shape"]
     if kind == 4:
-        scene = random_scene(rng); colour = pick(rng, COLOURS)
+        scene = random_scene(rng)
+        colour = pick(rng, COLOURS)
         return scene, f"Is there a {colour} shape?", "yes" if count_of(scene, colour=colour) else "no"
-    scene = scene_where(rng, has_unique); o = unique_shape(scene, rng)
+    scene = scene_where(rng, has_unique)
+    o = unique_shape(scene, rng)
     return scene, f"Is the {o['shape']} large or small?", o["size"]
 
 # %% ../nbs/02_samples.ipynb #87c6cbd1
@@ -524,15 +583,20 @@ def vqa_record(rng: np.random.Generator, i: int, split: str) -> dict:
     "A question about a scene (three in four) or a handwritten digit, with a one-word answer."
     if i % 4 == 3:
         index = int(rng.choice(digit_pool(split)))
-        record = digit_record(rng, index); answer = str(record["json"]["label"])
+        record = digit_record(rng, index)
+        answer = str(record["json"]["label"])
         question = pick(rng, ["What digit is this?", "Which number is written here?", "What number is shown?"])
         record["json"] = dict(task="vqa", source="sklearn-digits", kind="digit", instruction=question, response=answer,
                               answer=answer, index=index)
         del record["txt"]
         return record
     scene, question, answer, kind = scene_question(rng)
-    return {"png": png_bytes(render_scene(scene)),
-            "json": dict(task="vqa", source="scenes", kind=kind, instruction=question, response=answer, answer=answer, **scene)}
+    return {
+        "png": png_bytes(render_scene(scene)),
+        "json": dict(
+            task="vqa", source="scenes", kind=kind, instruction=question, response=answer, answer=answer, **scene
+        ),
+    }
 
 # %% ../nbs/02_samples.ipynb #638591f8
 AUDIO_QUESTION_KINDS = ("colour", "shape", "count", "speed")
@@ -542,16 +606,38 @@ def audio_qa_record(rng: np.random.Generator, i: int, split: str) -> dict:
     kind, speed = i % 4, None
     distinct = lambda s: len({o["shape"] for o in s["objects"]}) == len(s["objects"])  # "a circle and a circle"
     objects = scene_where(rng, distinct, 1, 3 if kind == 2 else 1)["objects"]
-    spoken = pick(rng, ["", "I see ", "There is ", "Look, "]) + join_phrases([describe_object(o, place=False) for o in objects])
-    if kind == 0: question, answer = pick(rng, ["What colour is mentioned?", "Which colour does the speaker say?"]), objects[0]["colour"]
-    elif kind == 1: question, answer = pick(rng, ["Which shape is mentioned?", "What shape does the speaker name?"]), objects[0]["shape"]
+    spoken = pick(rng, ["", "I see ", "There is ", "Look, "]) + join_phrases(
+        [describe_object(o, place=False) for o in objects]
+    )
+    if kind == 0:
+        question, answer = (
+            pick(rng, ["What colour is mentioned?", "Which colour does the speaker say?"]),
+            objects[0]["colour"],
+        )
+    elif kind == 1:
+        question, answer = (
+            pick(rng, ["Which shape is mentioned?", "What shape does the speaker name?"]),
+            objects[0]["shape"],
+        )
     elif kind == 2: question, answer = "How many shapes are mentioned?", str(len(objects))
     else:
-        answer = pick(rng, ["slow", "fast"]); speed = int(rng.integers(120, 136) if answer == "slow" else rng.integers(185, 201))
+        answer = pick(rng, ["slow", "fast"])
+        speed = int(rng.integers(120, 136) if answer == "slow" else rng.integers(185, 201))
         question = "Is the speaker fast or slow?"
     flac, voice = speech_clip(spoken, rng, speed)
-    return {"flac": flac, "json": dict(task="audio_qa", source="audio_qa", kind=AUDIO_QUESTION_KINDS[kind],
-                                       instruction=question, response=answer, answer=answer, transcript=spoken, **voice)}
+    return {
+        "flac": flac,
+        "json": dict(
+            task="audio_qa",
+            source="audio_qa",
+            kind=AUDIO_QUESTION_KINDS[kind],
+            instruction=question,
+            response=answer,
+            answer=answer,
+            transcript=spoken,
+            **voice
+        ),
+    }
 
 # %% ../nbs/02_samples.ipynb #c5d3cf60
 def image_problem(rng: np.random.Generator) -> tuple[dict, str, int]:
@@ -569,9 +655,17 @@ def image_problem(rng: np.random.Generator) -> tuple[dict, str, int]:
 def arithmetic_problem(rng: np.random.Generator) -> tuple[str, int]:
     "An arithmetic question with small integers: (question, integer answer)."
     a, b, c = (int(v) for v in rng.integers(2, 30, 3))
-    return pick(rng, [(f"What is {a} + {b}?", a + b), (f"What is {a} * {c % 9 + 2} - {b}?", a * (c % 9 + 2) - b),
-                      (f"({a} + {b}) * {c % 5 + 2}", (a + b) * (c % 5 + 2)), (f"What is {a + b + c} - {b} + {c}?", a + 2 * c),
-                      (f"What is {a * (c % 7 + 2)} / {c % 7 + 2}?", a), (f"Compute {c % 6 + 2} * ({a} - {b}).", (c % 6 + 2) * (a - b))])
+    return pick(
+        rng,
+        [
+            (f"What is {a} + {b}?", a + b),
+            (f"What is {a} * {c % 9 + 2} - {b}?", a * (c % 9 + 2) - b),
+            (f"({a} + {b}) * {c % 5 + 2}", (a + b) * (c % 5 + 2)),
+            (f"What is {a + b + c} - {b} + {c}?", a + 2 * c),
+            (f"What is {a * (c % 7 + 2)} / {c % 7 + 2}?", a),
+            (f"Compute {c % 6 + 2} * ({a} - {b}).", (c % 6 + 2) * (a - b)),
+        ],
+    )
 
 # %% ../nbs/02_samples.ipynb #2ab76902
 def problems_record(rng: np.random.Generator, i: int, split: str) -> dict:
@@ -617,13 +711,17 @@ def build_source(source: str, split: str, n: int, seed: int) -> list[dict]:
     return [records[j] for j in rng.permutation(n)]
 
 # %% ../nbs/02_samples.ipynb #08cefcd4
-def write_source(out: Path, source: str, split: str, records: list[dict], first_shard: int = 0, first_key: int = 0) -> dict:
-    "Write one source's split as `SHARDS[split]` shards, numbered from `first_shard` (keys from `first_key`); its manifest entry."
+def write_source(
+    out: Path, source: str, split: str, records: list[dict], first_shard: int = 0, first_key: int = 0
+) -> dict:
+    """Write one source's split as `SHARDS[split]` shards, numbered from `first_shard` (keys from `first_key`); its
+    manifest entry."""
     keyed = [(f"{source}-{split}-{first_key + i:06d}", r) for i, r in enumerate(records)]
     shards, size = [], 0
     for s, part in enumerate(np.array_split(np.arange(len(keyed)), SHARDS[split])):
         name = f"{split}/{source}-{first_shard + s:06d}.tar"
-        size += write_shard(out / name, [keyed[j] for j in part]); shards.append(name)
+        size += write_shard(out / name, [keyed[j] for j in part])
+        shards.append(name)
     return dict(records=len(records), bytes=size, shards=shards)
 
 def record_texts(record: dict) -> list[str]:
@@ -657,7 +755,8 @@ def generate(out: str | Path = "data_samples", seed: int = 0, limit: int = 0, sc
 
 # %% ../nbs/02_samples.ipynb #809eb38f
 def record_count(n: int, split: str, limit: int = 0, scale: int = 1) -> int:
-    "Records of a source's split: `scale` times the train split (val stays as it is, so scores compare), capped by `limit`."
+    """Records of a source's split: `scale` times the train split (val stays as it is, so scores compare), capped by
+    `limit`."""
     n = n * scale if split == "train" else n
     return min(n, limit) if limit else n
 
@@ -676,7 +775,8 @@ def write_folder(out: Path, seed: int, limit: int, scale: int = 1, workers: int 
     if workers > 1:
         # fork where there is one: spawned workers re-import by name, which fails for code defined in a notebook
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        with multiprocessing.get_context(method).Pool(workers) as pool: results = pool.map(build_and_write, jobs, chunksize=1)
+        with multiprocessing.get_context(method).Pool(workers) as pool:
+            results = pool.map(build_and_write, jobs, chunksize=1)
     else: results = [build_and_write(job) for job in jobs]
     manifest = dict(generator="r1_scratch.samples", version=VERSION, seed=seed, limit=limit, sources={})
     if scale != 1: manifest["scale"] = scale
@@ -685,10 +785,14 @@ def write_folder(out: Path, seed: int, limit: int, scale: int = 1, workers: int 
         manifest["sources"].setdefault(source, {})[split] = entry
         texts += part
     manifest["records"] = {s: sum(v[s]["records"] for v in manifest["sources"].values()) for s in SHARDS}
-    manifest["audio"] = audio_stats(out, [f for v in manifest["sources"].values() for s in SHARDS for f in v[s]["shards"]])
+    manifest["audio"] = audio_stats(
+        out, [f for v in manifest["sources"].values() for s in SHARDS for f in v[s]["shards"]]
+    )
     tokenizer = train_tokenizer(texts)
     tokenizer.save(str(out / "tokenizer.json"))
-    manifest["tokenizer"] = dict(file="tokenizer.json", vocab_size=tokenizer.get_vocab_size(), trained_on_texts=len(texts))
+    manifest["tokenizer"] = dict(
+        file="tokenizer.json", vocab_size=tokenizer.get_vocab_size(), trained_on_texts=len(texts)
+    )
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     (out / "README.md").write_text(data_card(manifest))
     return manifest
@@ -704,8 +808,10 @@ def source_table(manifest: dict) -> str:
     "A markdown table of records and sizes per source and split."
     rows = ["| source | members | stage | train | val | size (KB) |", "|---|---|---|---:|---:|---:|"]
     for name, v in manifest["sources"].items():
-        rows.append(f"| `{name}` | {MEMBERS[name]} | {STAGES[name]} | {v['train']['records']} | {v['val']['records']} | "
-                    f"{(v['train']['bytes'] + v['val']['bytes']) / 1024:,.0f} |")
+        rows.append(
+            f"| `{name}` | {MEMBERS[name]} | {STAGES[name]} | {v['train']['records']} | {v['val']['records']} | "
+            f"{(v['train']['bytes'] + v['val']['bytes']) / 1024:,.0f} |"
+        )
     return "\n".join(rows)
 
 # %% ../nbs/02_samples.ipynb #b752eb43
@@ -766,10 +872,20 @@ def data_card(manifest: dict) -> str:
     rates = ", ".join(f"{n} clips at {int(r) // 1000} kHz" for r, n in audio["sample_rates"].items())
     formats = ", ".join(f"{n} {f}" for f, n in audio["formats"].items())
     tasks = ", ".join(f"`{t}`" for t in TASKS)
-    return DATA_CARD.format(seed=manifest["seed"], version=manifest["version"], records_train=manifest["records"]["train"],
-                            records_val=manifest["records"]["val"], tasks=tasks, vocab=manifest["tokenizer"]["vocab_size"],
-                            table=source_table(manifest), rates=rates, formats=formats, clips=audio["clips"],
-                            mean_seconds=audio["mean_seconds"], max_seconds=audio["max_seconds"])
+    return DATA_CARD.format(
+        seed=manifest["seed"],
+        version=manifest["version"],
+        records_train=manifest["records"]["train"],
+        records_val=manifest["records"]["val"],
+        tasks=tasks,
+        vocab=manifest["tokenizer"]["vocab_size"],
+        table=source_table(manifest),
+        rates=rates,
+        formats=formats,
+        clips=audio["clips"],
+        mean_seconds=audio["mean_seconds"],
+        max_seconds=audio["max_seconds"],
+    )
 
 # %% ../nbs/02_samples.ipynb #7525810e
 @call_parse

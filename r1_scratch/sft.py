@@ -74,9 +74,14 @@ def accuracy_by_kind(rows: list[dict], correct: list[bool]) -> dict:
     groups: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         if row.get("kind"): groups.setdefault(row["kind"], []).append(i)
-    return {kind: dict(accuracy=round(sum(correct[i] for i in index) / len(index), 4), samples=len(index),
-                       blind=round(blind_accuracy([rows[i]["question"] for i in index], [rows[i]["answer"] for i in index]), 4))
-            for kind, index in sorted(groups.items())}
+    return {
+        kind: dict(
+            accuracy=round(sum(correct[i] for i in index) / len(index), 4),
+            samples=len(index),
+            blind=round(blind_accuracy([rows[i]["question"] for i in index], [rows[i]["answer"] for i in index]), 4),
+        )
+        for kind, index in sorted(groups.items())
+    }
 
 # %% ../nbs/15_stage3_sft.ipynb #fe61023c
 MAX_NEW_TOKENS = {"reasoning": 120}   # worked solutions; a one-word answer needs far fewer
@@ -91,7 +96,8 @@ def select_rows(batch: dict, rows: list[int]) -> dict:
 @torch.no_grad()
 def answer_accuracy(model, cfg: Config, source: str, task: str | None = None, max_samples: int = 64,
                     batch_size: int = 32, examples: int = 3) -> dict:
-    "Greedy answers to the validation questions of `task` (default: `source`) read from `source`: accuracy, blind bar, examples."
+    """Greedy answers to the validation questions of `task` (default: `source`) read from `source`: accuracy, blind bar,
+    examples."""
     tok, task = TextTokenizer.from_file(cfg.data.tokenizer), task or source
     device, was_training = model_device(model), model.training
     model.eval()

@@ -75,8 +75,10 @@ class LearnedPositions(nn.Module):
     def forward(self, L: int) -> torch.Tensor:
         "(L, D) position vectors for positions 0..L-1."
         if L > self.max_positions:
-            raise ValueError(f"input of {L} tokens exceeds the learned absolute positions (max_positions="
-                             f"{self.max_positions}, model.max_seq_len); use position_bias='t5' or 'alibi' for longer text")
+            raise ValueError(
+                f"input of {L} tokens exceeds the learned absolute positions (max_positions="
+                f"{self.max_positions}, model.max_seq_len); use position_bias='t5' or 'alibi' for longer text"
+            )
         return self.table(torch.arange(L, device=self.table.weight.device))
 
 # %% ../nbs/04_text_encoder.ipynb #ae6bd0b7

@@ -26,8 +26,8 @@ from .config import Config, TrainConfig, config_to_dict
 from .data import build_loader
 from .model import count_targets, count_tokens, lm_loss_sum, model_flops
 from .moe import moe_end_step
-from .distributed import (drop_unused_gradients, gathered, is_fsdp, load_sharded, load_whole_weights, lockstep_loss, save_sharded,
-                                    sharded_shapes)
+from .distributed import (drop_unused_gradients, gathered, is_fsdp, load_sharded, load_whole_weights,
+                                    lockstep_loss, save_sharded, sharded_shapes)
 from .runtime import Runtime, autocast, barrier, local_runtime, model_device, peak_memory
 
 log = logging.getLogger("r1_scratch.trainer")
@@ -77,7 +77,8 @@ def lr_multiplier(name: str, lr_scale: dict[str, float]) -> float | None:
     return lr_scale[max(hits, key=len)] if hits else None
 
 def tied_multiplier(names: list[str], lr_scale: dict[str, float]) -> float:
-    "The multiplier of a parameter known by `names` (a tied weight has several): the same for each name a prefix matches, else 1."
+    """The multiplier of a parameter known by `names` (a tied weight has several): the same for each name a prefix
+    matches, else 1."""
     scales = {lr_multiplier(n, lr_scale) for n in names} - {None} or {1.0}
     if len(scales) > 1: raise ValueError(f"lr_scale gives the tied weight {names} several multipliers {sorted(scales)}")
     return scales.pop()
@@ -138,7 +139,9 @@ def save_weights(model: nn.Module, path: str | os.PathLike):
     out, seen, tied = {}, {}, {}
     for name, value in model.state_dict().items():
         key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), tuple(value.stride()))
-        if key in seen: tied[name] = seen[key]; continue
+        if key in seen:
+            tied[name] = seen[key]
+            continue
         seen[key] = name
         out[name] = value.detach().to("cpu", copy=True).contiguous()  # a copy: safetensors refuses shared storage
     save_file(out, str(path), metadata={"tied": json.dumps(tied)})
@@ -164,12 +167,14 @@ class Checkpoints:
 
     def save(self, step: int, model: nn.Module, state: dict, meta: dict, rt: Runtime,
              optimizer: torch.optim.Optimizer | None = None) -> Path | None:
-        "Write checkpoint `step` (every rank its RNG, and its shards if sharded; rank 0 the rest); rename it into place."
+        """Write checkpoint `step` (every rank its RNG, and its shards if sharded; rank 0 the rest); rename it into
+        place."""
         final = self.root / f"step_{step:06d}"
         tmp = self.root / f".tmp_step_{step:06d}"
         if rt.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
         barrier()
         torch.save(_rng_state(), tmp / f"rng_{rt.rank}.pt")
         if is_fsdp(model): save_sharded(tmp / "dcp", model, optimizer)  # every rank at once, its own shards
@@ -186,9 +191,11 @@ class Checkpoints:
 
     def load(self, path: str | os.PathLike, model: nn.Module, rt: Runtime | None = None,
              optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict]:
-        "Load weights (checked first) into `model`, a sharded checkpoint's AdamW state into `optimizer`, and this rank's RNG."
+        """Load weights (checked first) into `model`, a sharded checkpoint's AdamW state into `optimizer`, and this
+        rank's RNG."""
         path = Path(path)
-        if not (path / "meta.json").exists(): raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json)")
+        if not (path / "meta.json").exists():
+            raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json)")
         if (path / "dcp").exists():  # sharded: resharded for this run's ranks, or read whole in one process
             check_compatible(model, {k: torch.empty(s, device="meta") for k, s in sharded_shapes(path / "dcp").items()},
                              str(path))
@@ -243,19 +250,29 @@ class WandB(Callback):
         except ImportError:
             log.warning("W&B is not installed (pip install -e '.[track]'); set train.wandb=disabled to silence this")
             return
-        self.run = wandb.init(project="r1-scratch", name=f"{trainer.run_dir.parent.name}-{trainer.stage.name}",
-                              dir=str(trainer.run_dir), mode=self.mode, config=trainer.config_dict, reinit="finish_previous")
+        self.run = wandb.init(
+            project="r1-scratch",
+            name=f"{trainer.run_dir.parent.name}-{trainer.stage.name}",
+            dir=str(trainer.run_dir),
+            mode=self.mode,
+            config=trainer.config_dict,
+            reinit="finish_previous",
+        )
     def on_log(self, trainer, metrics):
         if self.run: self.run.log(metrics, step=metrics["step"])
     def on_end(self, trainer, summary):
-        if self.run: self.run.summary.update(summary); self.run.finish()
+        if self.run:
+            self.run.summary.update(summary)
+            self.run.finish()
 
 class Plots(Callback):
     "A small grid of the run's curves and validation scores as run_dir/training.png at the end."
     def on_end(self, trainer, summary):
         rows = [json.loads(l) for l in (trainer.run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
         if not rows: return
-        plot_metrics(rows, trainer.run_dir / "training.png", title=f"{trainer.run_dir.parent.name} · {trainer.stage.name}")
+        plot_metrics(
+            rows, trainer.run_dir / "training.png", title=f"{trainer.run_dir.parent.name} · {trainer.stage.name}"
+        )
 
 CURVES = {"loss": "loss (per target)", "lr": "learning rate", "grad_norm": "gradient norm (before clipping)",
           "moe_imbalance": "MoE imbalance (busiest expert / mean)"}
@@ -326,15 +343,24 @@ class StepResult:
     metrics: dict
 
 def to_host(metrics: dict) -> dict:
-    "The tensor values of `metrics` as floats, read in one device-to-host copy (one wait for the GPU); others unchanged."
+    """The tensor values of `metrics` as floats, read in one device-to-host copy (one wait for the GPU); others
+    unchanged."""
     keys = [k for k, v in metrics.items() if torch.is_tensor(v)]
     if not keys: return metrics
     return metrics | dict(zip(keys, torch.stack([metrics[k].reshape(()).float() for k in keys]).tolist()))
 
 class Trainer:
     "Runs one Stage: precision, accumulation, clipping, schedule, callbacks, checkpoints, resume."
-    def __init__(self, model: nn.Module, stage: Stage, cfg: Config, run_dir: str | os.PathLike, rt: Runtime | None = None,
-                 callbacks: list[Callback] | None = None, bias_rate: float | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        stage: Stage,
+        cfg: Config,
+        run_dir: str | os.PathLike,
+        rt: Runtime | None = None,
+        callbacks: list[Callback] | None = None,
+        bias_rate: float | None = None,
+    ):
         self.stage, self.cfg, self.t, self.rt = stage, cfg, cfg.train, rt or local_runtime(cfg.train.precision)
         self.run_dir, self.step = Path(run_dir), 0
         self.model = model                               # possibly compiled and DDP-wrapped
@@ -346,7 +372,9 @@ class Trainer:
             s, min(self.t.warmup_steps, stage.steps), stage.steps, self.t.min_lr_ratio))
         self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.precision == "fp16")
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", self.t.keep_last)
-        self.bias_rate = getattr(getattr(self.module, "cfg", None), "bias_rate", 0.0) if bias_rate is None else bias_rate
+        self.bias_rate = (
+            getattr(getattr(self.module, "cfg", None), "bias_rate", 0.0) if bias_rate is None else bias_rate
+        )
         self.callbacks = [] if not self.rt.is_main else (callbacks if callbacks is not None else default_callbacks(cfg))
         self.grad_warnings, self.history, self.data_wait = 0, [], 0.0
         self.config_dict = config_to_dict(cfg)
@@ -355,7 +383,9 @@ class Trainer:
         "The step's grad_accum batches on the device; the seconds spent waiting for the loader go to self.data_wait."
         batches = []
         for _ in range(self.stage.grad_accum):
-            t0 = time.perf_counter(); batch = next(it); self.data_wait += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            batch = next(it)
+            self.data_wait += time.perf_counter() - t0
             batches.append(to_device(batch, self.rt.device))
         return batches
 
@@ -373,7 +403,8 @@ class Trainer:
             if fn: metrics[key] = self.total(torch.tensor(float(sum(fn(self.module, b) for b in micro)))).item()
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1
-            with (nullcontext() if sync or not hasattr(self.model, "no_sync") else self.model.no_sync()), autocast(self.rt):
+            no_sync = nullcontext() if sync or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with no_sync, autocast(self.rt):
                 part, extra, m = self.loss(self.model, batch)
                 loss = part / targets.clamp(min=1).to(part.dtype) * self.rt.world + extra / len(micro)
             self.scaler.scale(loss).backward()
@@ -389,8 +420,10 @@ class Trainer:
         if isinstance(norm, DTensor): norm = norm.full_tensor()  # FSDP: the norm over every rank's shards
         step_loss = (self.total(torch.as_tensor(loss_sum)) / targets.clamp(min=1)).item()
         self.check_finite(step_loss, norm.item())
-        self.scaler.step(self.optimizer); self.scaler.update()
-        self.scheduler.step(); self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         metrics.update(moe_end_step(self.module, self.bias_rate))
         return StepResult(step_loss, int(targets.item()), norm.item(), metrics)
 
@@ -414,7 +447,8 @@ class Trainer:
         if not sharded: self.load_optimizer(path, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        if "loader" in meta and hasattr(self.stage.loader, "load_state_dict"): self.stage.loader.load_state_dict(meta["loader"])
+        if "loader" in meta and hasattr(self.stage.loader, "load_state_dict"):
+            self.stage.loader.load_state_dict(meta["loader"])
         self.step = meta["step"]
         log.info("resumed %s from %s (step %d)", self.stage.name, path, self.step)
         return True
@@ -423,9 +457,11 @@ class Trainer:
         "A whole optimizer state, checked against this stage's parameter groups first."
         groups = [len(g["params"]) for g in state["param_groups"]]
         if groups != [len(g["params"]) for g in self.optimizer.param_groups]:  # torch's own error names no setting
-            raise CheckpointError(f"{path}: its optimizer holds parameter groups of sizes {groups}, this stage's "
-                                  f"{[len(g['params']) for g in self.optimizer.param_groups]}: were the stage's trainable "
-                                  "or lr_scale changed? Resume with the settings it was saved with, or start the stage afresh.")
+            raise CheckpointError(
+                f"{path}: its optimizer holds parameter groups of sizes {groups}, this stage's "
+                f"{[len(g['params']) for g in self.optimizer.param_groups]}: were the stage's trainable "
+                "or lr_scale changed? Resume with the settings it was saved with, or start the stage afresh."
+            )
         self.optimizer.load_state_dict(state)
 
     def save(self) -> Path:
@@ -459,7 +495,8 @@ class Trainer:
         return {f"val_{k}": v for k, v in metrics.items()}
 
     def fit(self, resume: bool = True, stop_at: int | None = None) -> dict:
-        "Train to stage.steps, or stop (with a checkpoint) after step `stop_at`; from the latest checkpoint if `resume`."
+        """Train to stage.steps, or stop (with a checkpoint) after step `stop_at`; from the latest checkpoint if
+        `resume`."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.stage.setup: self.stage.setup(self.module)  # before resume: it sees the weights the stage starts from
         if resume: self.resume()
@@ -470,7 +507,8 @@ class Trainer:
         while self.step < end:
             t0, self.data_wait = time.perf_counter(), 0.0
             result = self.train_step(self.micro_batches(it))
-            self.step += 1; targets += result.targets
+            self.step += 1
+            targets += result.targets
             if result.grad_norm > self.t.grad_norm_warn:
                 self.grad_warnings += 1
                 if self.rt.is_main and self.grad_warnings <= 5:
@@ -514,7 +552,9 @@ def steady_throughput(history: list[dict]) -> dict:
     if history and "tokens" in history[0]:
         out["steady_tokens_per_s"] = round(sum(h["tokens"] for h in history) / max(seconds, 1e-9), 1)
     if history and "tflops_per_s" in history[0]:
-        out["model_tflops_per_s"] = round(sum(h["tflops_per_s"] * h["seconds"] for h in history) / max(seconds, 1e-9), 3)
+        out["model_tflops_per_s"] = round(
+            sum(h["tflops_per_s"] * h["seconds"] for h in history) / max(seconds, 1e-9), 3
+        )
     return out
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -528,7 +568,8 @@ def lm_loss(model: nn.Module, batch: dict, reduce=lm_loss_sum) -> tuple[torch.Te
     loss_sum, _ = reduce(out.logits, batch["labels"])
     m = getattr(model, "module", model).cfg
     extra = m.balance_weight * out.balance + m.z_weight * out.z
-    return loss_sum, extra, dict(balance=out.balance.detach(), z=out.z.detach())  # tensors: the trainer reads them once a step
+    # tensors: the trainer reads them once a step
+    return loss_sum, extra, dict(balance=out.balance.detach(), z=out.z.detach())
 
 @torch.no_grad()
 def lm_evaluate(model: nn.Module, loader, max_batches: int = 50) -> dict:
@@ -543,8 +584,12 @@ def lm_evaluate(model: nn.Module, loader, max_batches: int = 50) -> dict:
         correct += ((logits[:, :-1].argmax(-1) == target) & (target != -100)).sum().item()
         loss, n = loss + part.item(), n + count.item()
     loss = loss / max(n, 1)
-    return dict(loss=round(loss, 4), perplexity=round(math.exp(min(loss, 50)), 2), accuracy=round(correct / max(n, 1), 4),
-                targets=n)
+    return dict(
+        loss=round(loss, 4),
+        perplexity=round(math.exp(min(loss, 50)), 2),
+        accuracy=round(correct / max(n, 1), 4),
+        targets=n,
+    )
 
 def stage_from_config(cfg: Config, name: str, default_trainable: list[str] | None = None, **parts) -> Stage:
     "The Stage of `stages.<name>`: steps, lr, accumulation and what trains from it, else from the train section."

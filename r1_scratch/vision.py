@@ -16,7 +16,8 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'conv_stem', 'PatchEmbed', 'sincos_2
 
 # %% ../nbs/05_vision_encoder.ipynb #0db6c9b3
 def conv_stem(channels: int, dim: int, patch: int) -> nn.Sequential:
-    "log2(patch) 3x3 stride-2 convolutions (widths doubling up to dim) and a 1x1 to dim: one token per patch, as the Linear."
+    """log2(patch) 3x3 stride-2 convolutions (widths doubling up to dim) and a 1x1 to dim: one token per patch, as the
+    Linear."""
     n = patch.bit_length() - 1
     widths = [channels] + [max(dim >> (n - 1 - i), 16) for i in range(n)]
     layers = []
@@ -29,9 +30,13 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.patch = patch
         if stem not in ("linear", "conv"): raise ValueError(f"stem must be 'linear' or 'conv', not {stem!r}")
-        if stem == "conv" and (patch < 2 or patch & (patch - 1)): raise ValueError(f"a conv stem needs a power-of-two patch, not {patch}")
-        self.proj = (nn.Conv2d(channels, dim, kernel_size=patch, stride=patch) if stem == "linear"  # = one Linear per patch
-                     else conv_stem(channels, dim, patch))
+        if stem == "conv" and (patch < 2 or patch & (patch - 1)):
+            raise ValueError(f"a conv stem needs a power-of-two patch, not {patch}")
+        self.proj = (
+            nn.Conv2d(channels, dim, kernel_size=patch, stride=patch)
+            if stem == "linear"  # = one Linear per patch
+            else conv_stem(channels, dim, patch)
+        )
 
     def forward(self, images):
         H, W = images.shape[-2:]
@@ -143,7 +148,8 @@ class VisionEncoder(nn.Module):
         self.dim, self.patch, self.window = mcfg.d_model, mcfg.patch_size, mcfg.window_size
         self.pool = POOLS[mcfg.image_pool]  # max: a small object survives pooling (see below)
         mean, std = (torch.tensor(s[: mcfg.image_channels]).view(-1, 1, 1) for s in (IMAGENET_MEAN, IMAGENET_STD))
-        self.register_buffer("mean", mean, persistent=False); self.register_buffer("std", std, persistent=False)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
         self.patch_embed = PatchEmbed(mcfg.image_channels, self.dim, self.patch, mcfg.patch_stem)
         self.blocks = nn.ModuleList(
             VisionBlock(self.dim, mcfg.n_heads, mcfg.expert_hidden, w, s, mlp_kind, "rms", mcfg.dropout)
