@@ -498,8 +498,8 @@ PRESETS: dict[str, dict] = {
             pretrain=dict(steps=300, batch_size=64, grad_accum=2, lr=1e-3, **_DECODER_ONLY_PRETRAIN),
             align=dict(steps=1500, batch_size=128, lr=5e-4),
             # 4x micro-batches (1.6-2.5x the tokens/s) and the vision encoder tuned at 0.1x the lr:
-            # variant F's settings; lr 3e-4, not 1e-3: at 1e-3 the decoder hardly learns to look up
-            # where a shape is (runs N-P, 15_stage3_sft, bench/results/stages_small_h200.json)
+            # lr 3e-4, not 1e-3: at 1e-3 the decoder hardly learns to look up where a shape is
+            # (15_stage3_sft; research/2026-12-03-small-visual-qa)
             sft=dict(
                 steps=1120,
                 max_tokens=32768,
