@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -149,15 +150,19 @@ def save_compressed(model: R1Model, path: str | os.PathLike, cfg: Config, recipe
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # what a crashed save left
+    tmp.mkdir(parents=True)
     state, tied = untied_state(model)
     tensors, metadata = flatten_tensor_state_dict({k: v.detach().cpu() for k, v in state.items()})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"), metadata=metadata)
     (tmp / "compressed.json").write_text(
         json.dumps(dict(recipe=recipe, keep=keep, tied=tied, config=config_to_dict(cfg)), indent=1)
     )
-    if path.exists(): os.replace(path, path.with_name(f".{path.name}.old"))
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)  # a directory can only be renamed onto an empty place
+    if path.exists(): os.replace(path, old)
     os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)  # the new checkpoint is in place: the previous one can go
     return path
 
 def load_compressed(path: str | os.PathLike) -> tuple[R1Model, Config]:
