@@ -139,3 +139,13 @@ def test_clean_stop(server):
 def _group_of(pid: int) -> int | None:
     try: return os.getpgid(pid)
     except ProcessLookupError: return None
+
+
+def test_predictor_loads_compressed_and_trainer_files(checkpoint, predictor, tmp_path):
+    from r1_scratch.compress import compress, save_compressed
+    weights = next(checkpoint.glob("checkpoints/step_*/model.safetensors"))
+    same = Predictor.load(weights)  # the trainer's safetensors file itself
+    assert same(text="hi")["answer"] == predictor(text="hi")["answer"]
+    path = save_compressed(compress(Predictor.load(checkpoint).model, "bf16"), tmp_path / "bf16", predictor.cfg, "bf16")
+    answer = Predictor.load(path)(text="hi", max_new_tokens=4)
+    assert answer["tokens"] == 4 and next(Predictor.load(path).model.parameters()).dtype == torch.bfloat16
