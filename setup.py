@@ -42,7 +42,8 @@ setup(
     include_package_data=True,
     python_requires=">=" + cfg["min_python"],
     install_requires=reqs("requirements"),
-    extras_require={"dev": reqs("dev_requirements"), "track": reqs("track_requirements")},
+    extras_require={"dev": reqs("dev_requirements"), "track": reqs("track_requirements"),
+                    "serve": reqs("serve_requirements")},
     entry_points={
         "console_scripts": cfg.get("console_scripts", "").split(),
         "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],
