@@ -92,10 +92,13 @@ def main():
     p.add_argument("--samples", type=int, default=2, help="worst-case samples per micro-batch with --preset")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default=None)
+    p.add_argument("--only", default=None, help="run only the configurations whose name contains this text")
     args = p.parse_args()
     strategy = "fsdp" if args.device == "cuda" else "ddp"
     configs = GPU_CONFIGS if args.preset is None else [(f"{args.preset}, {mode}", args.preset, [], args.samples, mode,
                                                         strategy, False) for mode in ("none", "selective", "full")]
+    configs = [c for c in configs if args.only is None or args.only in c[0]]
+    if not configs: raise SystemExit(f"no configuration name contains {args.only!r}")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "r1_scratch"], capture_output=True, text=True).stdout
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
