@@ -32,6 +32,7 @@ from .pretrain import pretrain_evaluate, pretrain_options, pretrain_stage
 from .align import align_evaluate, align_stage, config_swaps
 from .sft import QA_TASKS, answer_accuracy, sft_stage
 from .grpo import RL_COLUMNS, grpo_stage, rl_columns
+from .troubleshoot import diagnose
 
 log = logging.getLogger("r1_scratch.launch")
 
@@ -151,6 +152,8 @@ def write_report(cfg: Config, summaries: list[dict], run_dir: Path, rt: Runtime,
     lines += ["", "Validation (held-out shards):", ""] + [
         f"- **{s['stage']}**: {validation_line(s)}" for s in summaries
     ]
+    findings = diagnose(run_dir)  # 20_troubleshooting: what the metrics say went wrong
+    lines += ["", "Diagnosis:", ""] + ([f"- {f}" for f in findings] or ["- no problems found"])
     for s in [s for s in summaries if (run_dir / s["stage"] / "training.png").exists()]:  # 800 px: readable
         lines += ["", f"### {s['stage']}", "", f'<img src="{s["stage"]}/training.png" width="800" alt="{s["stage"]}">']
     text = "\n".join(lines) + "\n"

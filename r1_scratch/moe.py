@@ -423,8 +423,10 @@ class MoELayer(nn.Module):
         return dict(load=load.cpu(), imbalance=(load.max() / load.float().mean()).item(), dropped=int(dropped))
 
 def moe_end_step(model: nn.Module, bias_rate: float = 0.0) -> dict:
-    "end_step on every MoELayer of model: the worst layer's imbalance and the total dropped assignments of the step."
+    "end_step on every MoELayer of model: the worst layer's imbalance, the step's dropped assignments and dead experts."
     stats = [m.end_step(bias_rate) for m in model.modules() if isinstance(m, MoELayer)]
     stats = [s for s in stats if s]
     if not stats: return {}
-    return dict(moe_imbalance=max(s["imbalance"] for s in stats), moe_dropped=sum(s["dropped"] for s in stats))
+    dead = sum(int((s["load"] == 0).sum()) for s in stats)  # experts no token reached: a collapsed router's mark
+    return dict(moe_imbalance=max(s["imbalance"] for s in stats), moe_dropped=sum(s["dropped"] for s in stats),
+                moe_dead=dead)
