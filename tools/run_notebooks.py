@@ -6,7 +6,8 @@
 
 Each notebook runs top to bottom from `nbs/` as `nbdev_test` runs it: cells flagged with one of settings.ini's
 `tst_flags` (`#| slow`, `#| cuda`, `#| notest`) are skipped and keep the outputs they have (from the machine that
-last ran them), with a fixed hash seed, offline W&B and no progress bars.
+last ran them), with a fixed hash seed, offline W&B, no progress bars and matplotlib's inline backend (a caller's
+`MPLBACKEND=Agg` would leave the figures out of the outputs).
 Then the outputs are scrubbed of this machine's paths (the checkout, the Python environment, the home directory and
 temporary directories become `.`, `<python>`, `~` and `<tmp>`), and `nbdev_clean` strips execution counts and
 metadata. A notebook that fails stops the run with its error; the notebooks done before it keep their new outputs.
@@ -97,7 +98,8 @@ def main() -> int:
     paths = [Path(n).resolve() for n in args.notebooks] or sorted((ROOT / "nbs").glob("[0-9]*.ipynb"))
     missing = [str(n) for n in paths if not n.exists()]
     if missing: raise SystemExit(f"no such notebook: {', '.join(missing)}")
-    os.environ.update(MPLBACKEND="Agg", WANDB_MODE="offline", PYTHONHASHSEED="0", R1_NO_PROGRESS="1",
+    os.environ.update(MPLBACKEND="module://matplotlib_inline.backend_inline", WANDB_MODE="offline",
+                      PYTHONHASHSEED="0", R1_NO_PROGRESS="1",
                       PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     if not args.check:
         for path in paths:
