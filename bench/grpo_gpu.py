@@ -4,10 +4,11 @@ after, and the training curves of the grpo stage.
     python bench/grpo_gpu.py [--run runs/stages-small] [--train-sft] [--preset small] [--problems 400] [--steps 200]
                              [--out FILE] [--detach LOG] [key=value ...]
 
-The input is a run directory whose stage 3 (`sft`) is finished, as `bench/stages_gpu.py` writes it (copy it to
---run), or --train-sft first trains the preset's stages 1-3 there through the launch. The run itself is not
+The input is a run directory whose stage 3 (`sft`) is finished, as `bench/stages_gpu.py --runs runs` writes it
+(runs/stages-<preset>), or --train-sft first trains the preset's stages 1-3 there through the launch (on the bundled
+data; the grown data of stages_gpu.py --scale K gives the stronger stage 3 to start from). The run itself is not
 changed: GRPO trains on a copy (`<run>-grpo`), which the launch resumes with `--stages pretrain align sft grpo`
-(the three finished stages are loaded, not retrained) and the run's own config.yaml, so GRPO's training data is the
+(the three finished stages are loaded, not retrained; their checkpoint files are hard links, not copies) and the run's own config.yaml, so GRPO's training data is the
 preset's usual train split (the grown one where the run was trained on grown data). key=value overrides go to that
 launch (e.g. stages.grpo.options.beta=0 stages.grpo.lr=5e-6); --steps N sets stages.grpo.steps unless an override does.
 
@@ -178,6 +179,17 @@ def plot_curves(curves: dict, path: Path, title: str) -> Path | None:
     return path
 
 
+def link_or_copy(src: str, dst: str) -> str:
+    """Hard-link a checkpoint file (never rewritten in place: the copy's finished stages are only read), copy the rest
+    (config.yaml and the report are rewritten by the launch, which would change the original through a link)."""
+    if "checkpoints" in Path(src).parts:
+        try:
+            os.link(src, dst)
+            return dst
+        except OSError: pass  # another file system: copy
+    return shutil.copy2(src, dst)
+
+
 def launch(args_list: list[str], env: dict) -> tuple[int, str, float]:
     "The launch through torchrun on one process per GPU (one on the CPU): return code, stderr tail, seconds."
     import torch
@@ -252,7 +264,7 @@ def main():
     print(f"before: {before}", flush=True)
 
     shutil.rmtree(copy, ignore_errors=True)  # a fresh copy: GRPO restarts from the sft checkpoint every time
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("grpo"))
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("grpo"), copy_function=link_or_copy)
     overrides = list(args.overrides)
     if not any(o.startswith("stages.grpo.steps=") for o in overrides): overrides.append(f"stages.grpo.steps={args.steps}")
     code, err, seconds = launch(["--config", str(copy / "config.yaml"), "--name", copy.name, "--stages", "pretrain",
