@@ -14,9 +14,10 @@ launch (e.g. stages.grpo.options.beta=0 stages.grpo.lr=5e-6); --steps N sets sta
 
 Held-out problems: --problems N fresh reasoning problems from the course's generator (`r1_scratch/samples.py`) on
 the val split's stream at seed 1000 and up, which no training draw uses (train draws are the train stream at seeds
-0..K-1, the val questions of bench/stages_gpu.py the val stream at seeds 1..K), written under runs/. Their overlap
-with the reasoning problems of the run's train split is counted (`held_out.also_in_train`): the generator's small
-spaces of numbers make some repeats unavoidable.
+0..K-1, the val questions of bench/stages_gpu.py the val stream at seeds 1..K), written under runs/. Other seeds
+still repeat some problems (the generator's spaces of numbers are small): any problem of the run's train split, and
+any repeat, is left out and another drawn, so no held-out problem was trained on; `held_out` counts those left out
+per kind (the kinds with few distinct problems lose most: compare by kind).
 
 Scores, before (the sft checkpoint) and after (the grpo checkpoint), with the evaluation entry point
 (`python -m r1_scratch.launch --eval`): reasoning accuracy on the held-out problems, and visual QA, audio QA,
@@ -27,6 +28,7 @@ The JSON is written after each phase, so a time limit keeps what finished. --det
 writing LOG and prints the process id (for a machine whose single command is shorter than the run).
 """
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -73,22 +75,36 @@ def scrub(value):
     return value
 
 
-def write_problems(out: Path, n: int) -> str:
-    """`n` fresh reasoning problems in `out`/val (the val split's stream at seeds HELD_OUT_SEED and up, 40 a draw as
-    the bundled val split has them); their {task} shard pattern. Regrown unless a complete earlier growth of `n`."""
+def write_problems(out: Path, n: int, exclude: set[str] = frozenset(), max_draws: int = 1000) -> tuple[str, dict]:
+    """`n` fresh reasoning problems in `out`/val, drawn from the val split's stream at seeds HELD_OUT_SEED and up (40 a
+    draw, as the bundled val split has them), leaving out any in `exclude` (the train split's) and repeats: their
+    {task} shard pattern, and what was drawn and left out. Reused where a complete earlier growth had the same `n`
+    and `exclude`."""
+    from collections import Counter
     from r1_scratch.samples import SHARDS, SOURCES, build_source, write_source
     if n < 1: raise ValueError(f"--problems must be at least 1, got {n}")
-    per = SOURCES["reasoning"][1]
-    draws = -(-n // per)
-    pattern = f"{out}/val/{{task}}-{{000000..{SHARDS['val'] * draws - 1:06d}}}.tar"
+    pattern = f"{out}/val/{{task}}-{{000000..{SHARDS['val'] - 1:06d}}}.tar"
+    excluded = hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest()[:16]
     marker = out / "problems.json"
-    if marker.exists() and json.loads(marker.read_text()).get("problems") == n: return pattern
+    if marker.exists():
+        info = json.loads(marker.read_text())
+        if info.get("problems") == n and info.get("excluded") == excluded: return pattern, info
+    records, seen, dropped, draw = [], set(), Counter(), 0
+    while len(records) < n:
+        if draw == max_draws: raise RuntimeError(f"{max_draws} draws gave only {len(records)} problems not in training")
+        for record in build_source("reasoning", "val", SOURCES["reasoning"][1], HELD_OUT_SEED + draw):
+            question = record["json"]["instruction"]
+            if question in exclude or question in seen: dropped[record["json"]["kind"]] += 1
+            elif len(records) < n: records.append(record)
+            seen.add(question)
+        draw += 1
     shutil.rmtree(out, ignore_errors=True)
-    for d in range(draws):
-        records = build_source("reasoning", "val", per, HELD_OUT_SEED + d)[: n - d * per]
-        write_source(out, "reasoning", "val", records, first_shard=d * SHARDS["val"], first_key=d * per)
-    marker.write_text(json.dumps(dict(problems=n, seeds=[HELD_OUT_SEED, HELD_OUT_SEED + draws - 1])))  # last: complete
-    return pattern
+    write_source(out, "reasoning", "val", records)
+    info = dict(problems=n, seeds=[HELD_OUT_SEED, HELD_OUT_SEED + draw - 1], excluded=excluded,
+                dropped_seen_or_repeated=dict(sorted(dropped.items())),
+                kinds=dict(sorted(Counter(r["json"]["kind"] for r in records).items())))
+    marker.write_text(json.dumps(info))  # last: marks it complete
+    return pattern, info
 
 
 def shard_questions(pattern: str, task: str = "reasoning") -> list[str]:
@@ -226,7 +242,8 @@ def main():
     copy = run.with_name(f"{run.name}-grpo")
     out = Path(args.out or ROOT / "bench/results" / f"grpo_{args.preset}_{device_name()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "R1_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # this checkout's r1_scratch
+    env = {**os.environ, "R1_NO_PROGRESS": "1", "PYTHONPATH": path}
     result = dict(command=" ".join(["python", *[relative(a) if os.path.isabs(a) else a for a in sys.argv]]),
                   commit=git_commit(), preset=args.preset, device=device_name(), run=relative(run))
     save = lambda: out.write_text(json.dumps(scrub(result), indent=1, ensure_ascii=False) + "\n")
@@ -243,14 +260,10 @@ def main():
         raise SystemExit(f"{run} has no finished stage 3 (sft/summary.json): train it (--train-sft) or give --run")
 
     t0 = time.perf_counter()
-    problems = write_problems(ROOT / "runs" / f"held_out_reasoning_{args.problems}", args.problems)
     from r1_scratch.config import load_config
-    cfg = load_config(run / "config.yaml")
-    held = shard_questions(problems)
-    seen = set(shard_questions(cfg.data.train))
-    result["held_out"] = dict(problems=len(held), seeds_from=HELD_OUT_SEED, grow_seconds=round(time.perf_counter() - t0, 1),
-                              distinct=len(set(held)), also_in_train=sum(q in seen for q in held),
-                              train_problems=len(seen))
+    train = set(shard_questions(load_config(run / "config.yaml").data.train))  # the run's own train split
+    problems, info = write_problems(ROOT / "runs" / f"held_out_reasoning_{args.problems}", args.problems, train)
+    result["held_out"] = dict(info, train_problems=len(train), seconds=round(time.perf_counter() - t0, 1))
     print(f"held-out problems: {result['held_out']}", flush=True)
 
     t0 = time.perf_counter()

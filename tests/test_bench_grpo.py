@@ -61,17 +61,23 @@ def test_curves_from_metrics_jsonl(bench, tmp_path):
     assert bench.plot_curves({}, tmp_path / "x.png", "") is None
 
 
-def test_held_out_problems_are_fresh_counted_and_reused(bench, tmp_path):
-    pattern = bench.write_problems(tmp_path / "held", 45)  # 40 a draw: two draws, the second cut to 5
+def test_held_out_problems_are_fresh_unseen_counted_and_reused(bench, tmp_path):
+    bundled = set(bench.shard_questions(str(REPO / "data_samples/train/{task}-{000000..000003}.tar")))
+    assert len(bundled) > 200
+    pattern, info = bench.write_problems(tmp_path / "held", 45, bundled)
     held = bench.shard_questions(pattern)
-    assert len(held) == 45 and pattern.endswith("{000000..000003}.tar")
-    bundled = set(bench.shard_questions(str(REPO / "data_samples/val/{task}-{000000..000001}.tar")))
-    bundled |= set(bench.shard_questions(str(REPO / "data_samples/train/{task}-{000000..000003}.tar")))
-    assert len(bundled) > 250
-    assert sum(q in bundled for q in held) < 5  # other seeds: other problems, but for chance repeats
+    assert len(held) == 45 and len(set(held)) == 45  # no repeats
+    assert not set(held) & bundled                 # none of the train split's problems
+    assert sum(info["kinds"].values()) == 45 and set(info["kinds"]) == {"count", "story", "corners", "grid"}
+    assert info["seeds"][0] == bench.HELD_OUT_SEED and info["seeds"][1] >= bench.HELD_OUT_SEED + 1  # 40 a draw
+    plain_pattern, plain = bench.write_problems(tmp_path / "plain", 45)
+    assert sum(plain["dropped_seen_or_repeated"].values()) <= sum(info["dropped_seen_or_repeated"].values())
     marker = tmp_path / "held" / "problems.json"
     stamp = marker.stat().st_mtime_ns
-    assert bench.write_problems(tmp_path / "held", 45) == pattern and marker.stat().st_mtime_ns == stamp  # reused
+    assert bench.write_problems(tmp_path / "held", 45, bundled) == (pattern, info)
+    assert marker.stat().st_mtime_ns == stamp  # reused, not regrown
+    bench.write_problems(tmp_path / "held", 45, set(held[:3]))  # another train split: regrown without those three
+    assert not set(bench.shard_questions(pattern)) & set(held[:3])
     with pytest.raises(ValueError, match="--problems"):
         bench.write_problems(tmp_path / "none", 0)
 
