@@ -37,9 +37,9 @@ from .troubleshoot import diagnose
 log = logging.getLogger("r1_scratch.launch")
 
 # %% auto #0
-__all__ = ['log', 'STAGES', 'select_stages', 'resolve_config', 'run_stages', 'validation_line', 'rl_table', 'write_report',
-           'find_checkpoint', 'val_sources', 'evaluate_model', 'evaluate_checkpoint', 'consolidate_checkpoint',
-           'parse_args', 'main']
+__all__ = ['log', 'STAGES', 'select_stages', 'resolve_config', 'load_earlier_stage', 'run_stages', 'validation_line', 'rl_table',
+           'write_report', 'find_checkpoint', 'val_sources', 'evaluate_model', 'evaluate_checkpoint',
+           'consolidate_checkpoint', 'parse_args', 'main']
 
 # %% ../nbs/21_launch.ipynb #222adaf6
 STAGES = {"pretrain": pretrain_stage, "align": align_stage, "sft": sft_stage, "grpo": grpo_stage}
@@ -71,6 +71,21 @@ def resolve_config(config: str | None, preset: str | None, overrides: list[str])
     return cfg
 
 # %% ../nbs/21_launch.ipynb #09c114f0
+def load_earlier_stage(model: torch.nn.Module, cfg: Config, stages: list[str], run_dir: Path, rt: Runtime) -> str | None:
+    """Put in `model` the weights of the latest finished stage before the first of `stages`, so that
+    `--stages grpo` continues from stage 3; its name, or None when no earlier stage of this run has finished."""
+    order = list(cfg.stages)
+    for name in reversed(order[:order.index(stages[0])]):
+        checkpoints = Checkpoints(run_dir / name / "checkpoints")
+        path = checkpoints.latest()
+        if (run_dir / name / "summary.json").exists() and path is not None:
+            checkpoints.load(path, model, rt)
+            log.info("starting %s from the weights of stage %s: %s", stages[0], name, path)
+            return name
+    if order.index(stages[0]) > 0:
+        log.warning("no earlier stage of %s has finished: %s starts from fresh weights", run_dir, stages[0])
+    return None
+
 def run_stages(cfg: Config, stages: list[str], run_dir: Path, rt: Runtime) -> list[dict]:
     "Train `stages` in order on one model; return their summaries."
     torch.manual_seed(cfg.train.seed)
@@ -80,6 +95,7 @@ def run_stages(cfg: Config, stages: list[str], run_dir: Path, rt: Runtime) -> li
         log.info("model: %.1fM parameters, %.1fM active per token; %d process(es) on %s, %s",
                  counts["total"] / 1e6, counts["active"] / 1e6, rt.world, rt.device.type, rt.precision)
     train_model = wrap_model(model, cfg, rt)  # compiled and checkpointed blocks, then DDP or FSDP2 (dist.strategy)
+    load_earlier_stage(model, cfg, stages, run_dir, rt)
     summaries = []
     for name in stages:
         stage = STAGES[name](cfg, name)
