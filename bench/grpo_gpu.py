@@ -223,6 +223,18 @@ def launch(args_list: list[str], env: dict) -> tuple[int, str, float]:
     return run.returncode, run.stderr[-3000:], round(time.perf_counter() - t0, 1)
 
 
+def score_phase(result: dict, phase: str, stage_dir: Path, env: dict, problems: str, args) -> dict:
+    "Evaluate `stage_dir` on the val split and the held-out problems; record both under `phase` in `result`."
+    t0 = time.perf_counter()
+    val = evaluate(stage_dir, env, batches=args.eval_batches)
+    held = evaluate(stage_dir, env, problems, answers=args.problems, batches=1)
+    result[f"eval_seconds_{phase}"] = round(time.perf_counter() - t0, 1)
+    result[phase] = dict(val=val, held_out=held)
+    failed = [name for name, ev in (("val", val), ("held-out", held)) if "error" in ev]
+    if failed: result["error"] = f"the evaluation {phase} GRPO failed on {failed}: see {phase}.*.error"
+    return scores(val, held)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", help="run directory with a finished stage 3 (default runs/stages-<preset>)")
@@ -271,14 +283,7 @@ def main():
     result["held_out"] = dict(info, train_problems=len(train), seconds=round(time.perf_counter() - t0, 1))
     print(f"held-out problems: {result['held_out']}", flush=True)
 
-    t0 = time.perf_counter()
-    val_before = evaluate(run / "sft", env, batches=args.eval_batches)
-    held_before = evaluate(run / "sft", env, problems, answers=args.problems, batches=1)
-    result["eval_seconds_before"] = round(time.perf_counter() - t0, 1)
-    result["before"] = dict(val=val_before, held_out=held_before)
-    failed = [name for name, ev in (("val", val_before), ("held-out", held_before)) if "error" in ev]
-    if failed: result["error"] = f"the evaluation before GRPO failed on {failed}: see before.*.error"
-    before = scores(val_before, held_before)
+    before = score_phase(result, "before", run / "sft", env, problems, args)
     result["scores_before"] = before
     save()
     print(f"before: {before}", flush=True)
@@ -305,14 +310,7 @@ def main():
     save()
     if code: raise SystemExit(result["error"])
 
-    t0 = time.perf_counter()
-    val_after = evaluate(copy / "grpo", env, batches=args.eval_batches)
-    held_after = evaluate(copy / "grpo", env, problems, answers=args.problems, batches=1)
-    result["eval_seconds_after"] = round(time.perf_counter() - t0, 1)
-    result["after"] = dict(val=val_after, held_out=held_after)
-    failed = [name for name, ev in (("val", val_after), ("held-out", held_after)) if "error" in ev]
-    if failed: result["error"] = f"the evaluation after GRPO failed on {failed}: see after.*.error"
-    table = compare(before, scores(val_after, held_after))
+    table = compare(before, score_phase(result, "after", copy / "grpo", env, problems, args))
     result["metrics"] = table
     result["goals"] = goals(table)
     result["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
