@@ -71,7 +71,8 @@ def resolve_config(config: str | None, preset: str | None, overrides: list[str])
     return cfg
 
 # %% ../nbs/21_launch.ipynb #09c114f0
-def load_earlier_stage(model: torch.nn.Module, cfg: Config, stages: list[str], run_dir: Path, rt: Runtime) -> str | None:
+def load_earlier_stage(model: torch.nn.Module, cfg: Config, stages: list[str], run_dir: Path,
+                       rt: Runtime) -> str | None:
     """Put in `model` the weights of the latest finished stage before the first of `stages`, so that
     `--stages grpo` continues from stage 3; its name, or None when no earlier stage of this run has finished."""
     order = list(cfg.stages)
