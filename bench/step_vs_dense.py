@@ -6,7 +6,8 @@ run on one GPU: tokens/s, MFU and peak memory of each, and our MFU as a ratio of
 Our arms run the launch's Trainer on 8 real stage-3 batches held in memory (the loader is measured elsewhere):
 `ddp` is the model as one process trains it today (fp32 weights under bf16 autocast), `fsdp` the same model under
 FSDP2 at world size 1 (bf16 compute weights over fp32 master weights), `+ckpt` arms add activation checkpointing,
-`+compile` arms compile each block (r1_scratch.distributed.compile_blocks).
+`+compile` arms compile each block (r1_scratch.distributed.compile_blocks). An arm may carry its own config overrides
+after `@`, comma-separated: `fsdp+compile@model.expert_families=false` is that arm on identical SwiGLU experts.
 The plain decoder is built from 03_layers' `TransformerBlock` (pre-norm, causal SDPA, SwiGLU of the experts'
 active width) with a tied LM head and fused AdamW, on as many tokens per step as our step averages; it runs eager
 and under torch.compile. MFU counts model FLOPs (r1_scratch.model.model_flops for ours, the same formula for the
@@ -47,14 +48,21 @@ def timed(step, steps: int) -> tuple[float, float]:
     return (time.perf_counter() - start) / steps, torch.cuda.max_memory_allocated() / 1e9
 
 
+def arm_config(preset: str, overrides: list[str], arm: str):
+    "The run's config with the arm's own overrides (after '@', comma-separated) on top."
+    extra = arm.partition("@")[2]
+    return resolve_config(None, preset, [*overrides, *(extra.split(",") if extra else [])])
+
+
 def our_arm(cfg, held: list[dict], arm: str, steps: int) -> dict:
     "The launch's Trainer on held batches: tokens, FLOPs and time of a step."
     rt = local_runtime("bf16")
     torch.manual_seed(0)
     model = R1Model(cfg.model).to(rt.device)
-    if "compile" in arm: compile_blocks(model)
-    if "ckpt" in arm: apply_activation_checkpointing(model, "full")
-    if arm.startswith("fsdp"): shard_model(model, rt)
+    name = arm.partition("@")[0]
+    if "compile" in name: compile_blocks(model)
+    if "ckpt" in name: apply_activation_checkpointing(model, "full")
+    if name.startswith("fsdp"): shard_model(model, rt)
     stage = lm_stage(cfg, "sft", steps=10**6, evaluate=None)
     trainer = Trainer(model, stage, cfg, Path(tempfile.mkdtemp()), rt, callbacks=[])
     batches = itertools.cycle(held)
@@ -120,14 +128,14 @@ def main():
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     # 4 loader workers: data_samples/ has 4 shards a source (the held batches are read once anyway)
-    cfg = resolve_config(None, args.preset, ["train.wandb=disabled", "train.ckpt_every=0", "data.num_workers=4",
-                                             *args.overrides])
+    overrides = ["train.wandb=disabled", "train.ckpt_every=0", "data.num_workers=4", *args.overrides]
+    cfg = resolve_config(None, args.preset, overrides)
     st = cfg.stages["sft"]
     held = list(itertools.islice(build_loader(cfg, "train", st.mixture, batch_size=st.batch_size,
                                               max_tokens=st.max_tokens), 8))
     rows = []
     for arm in args.arms:
-        rows.append(our_arm(cfg, held, arm, args.steps))
+        rows.append(our_arm(arm_config(args.preset, overrides, arm), held, arm, args.steps))
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
     tokens = rows[0]["tokens_per_step"]
@@ -137,8 +145,10 @@ def main():
     best_plain = max(r["mfu"] for r in rows if r["arm"].startswith("plain"))
     for r in rows: r["mfu_vs_best_plain"] = round(r["mfu"] / best_plain, 3)
     ours = [r for r in rows if "losses" in r]
-    for r in ours:  # the same batches in the same order: a faster step must not change what is learned
-        r["largest_loss_gap_vs_first_arm"] = round(max(abs(a - b) for a, b in zip(r["losses"], ours[0]["losses"])), 4)
+    # the same model on the same batches in the same order: a faster step must not change what is learned
+    for r in ours:
+        first = next(o for o in ours if o["arm"].partition("@")[2] == r["arm"].partition("@")[2])
+        r["largest_loss_gap_vs_first_arm"] = round(max(abs(a - b) for a, b in zip(r["losses"], first["losses"])), 4)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = dict(command="python " + " ".join(sys.argv), commit=commit, preset=args.preset,
                   device=torch.cuda.get_device_name(), rows=rows)
