@@ -1,11 +1,15 @@
 """Where a training step of a preset spends its time on one GPU: the steps timed plainly, then torch.profiler over as
 many steps on batches held in memory, top ops by GPU time and by CPU time, and the GPU's idle share.
 
-    python bench/train_profile.py [--preset small] [--steps 3] [--out bench/results/train_profile_h200.json]
+    python bench/train_profile.py [--preset small] [--steps 3] [--out bench/results/train_profile_h200.json] [key=value ...]
+
+The model is wrapped as the launch wraps it, so `train.compile=true dist.strategy=fsdp` profiles that step.
 """
 import argparse
 import itertools
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from r1_scratch.data import build_loader
+from r1_scratch.distributed import wrap_model
 from r1_scratch.launch import resolve_config
 from r1_scratch.model import R1Model
 from r1_scratch.runtime import local_runtime
@@ -31,7 +36,7 @@ def main():
     held = list(itertools.islice(build_loader(cfg, "train", st.mixture, batch_size=st.batch_size,
                                               max_tokens=st.max_tokens), 8))
     rt = local_runtime(cfg.train.precision)
-    model = R1Model(cfg.model).to(rt.device)
+    model = wrap_model(R1Model(cfg.model).to(rt.device), cfg, rt)  # as the launch trains it: train.compile, dist.*
     stage = lm_stage(cfg, "sft", steps=10**6, evaluate=None)
     trainer = Trainer(model, stage, cfg, Path("/tmp/bench_profile"), rt, callbacks=[])
     batches = itertools.cycle(held)
@@ -54,7 +59,9 @@ def main():
     gpu_us = sum(e.self_device_time_total for e in events)
     top = lambda key: [dict(op=e.key[:80], ms=round(getattr(e, key) / 1e3 / args.steps, 3), calls=e.count // args.steps)
                        for e in sorted(events, key=lambda e: -getattr(e, key))[:15]]
-    result = dict(preset=args.preset, steps=args.steps, plain_step_ms=round(plain_step_ms, 2),
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = dict(command="python " + " ".join(sys.argv), commit=commit, device=torch.cuda.get_device_name(),
+                  preset=args.preset, steps=args.steps, plain_step_ms=round(plain_step_ms, 2),
                   step_ms=round(wall_us / 1e3 / args.steps, 2),
                   gpu_busy_ms=round(gpu_us / 1e3 / args.steps, 2), gpu_busy_share=round(gpu_us / wall_us, 3),
                   top_gpu=top("self_device_time_total"), top_cpu=top("self_cpu_time_total"))
