@@ -37,7 +37,9 @@ def slice_config(layers: int, checkpointing: str, offload: bool, overrides: list
     return resolve_config(None, "r1_22b", [f"model.n_layers={layers}", "dist.strategy=fsdp",
                                            f"train.activation_checkpointing={checkpointing}",
                                            f"dist.cpu_offload={str(offload).lower()}", "train.wandb=disabled",
-                                           "train.ckpt_every=0", "train.eval_every=0", *overrides])
+                                           "train.ckpt_every=0", "train.eval_every=0",
+                                           "data.num_workers=4",  # data_samples/ has 4 shards a source; r1_22b asks 8
+                                           *overrides])
 
 
 def plan(cfg):

@@ -31,7 +31,9 @@ def main():
     p.add_argument("--out", default="bench/results/train_profile_h200.json")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    cfg = resolve_config(None, args.preset, ["train.wandb=disabled", "train.ckpt_every=0", *args.overrides])
+    # 4 loader workers: data_samples/ has 4 shards a source, and the larger presets ask for 8
+    cfg = resolve_config(None, args.preset, ["train.wandb=disabled", "train.ckpt_every=0", "data.num_workers=4",
+                                             *args.overrides])
     st = cfg.stages["sft"]
     held = list(itertools.islice(build_loader(cfg, "train", st.mixture, batch_size=st.batch_size,
                                               max_tokens=st.max_tokens), 8))
