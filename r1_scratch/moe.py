@@ -18,10 +18,10 @@ from .runtime import is_distributed, model_device, recomputing
 
 # %% auto #0
 __all__ = ['DISPATCH', 'Routing', 'Router', 'limit_groups', 'Experts', 'dispatch_reference', 'dispatch_gather', 'Sorted',
-           'expert_counts', 'counting_sort', 'sort_by_expert', 'grouped_matmul', 'permute_rows', 'dispatch_grouped',
-           'run_dispatch', 'load_balance_loss', 'router_z_loss', 'update_balance_bias', 'article_expert_modalities',
-           'sequence_complexity', 'apply_capacity', 'load_by_modality', 'router_entropy', 'imbalance', 'ExpertFamily',
-           'article_families', 'ExpertFamilies', 'real_tokens', 'MoELayer', 'moe_end_step']
+           'expert_counts', 'counting_sort', 'sort_by_expert', 'grouped_mm_supported', 'grouped_matmul', 'permute_rows',
+           'dispatch_grouped', 'run_dispatch', 'load_balance_loss', 'router_z_loss', 'update_balance_bias',
+           'article_expert_modalities', 'sequence_complexity', 'apply_capacity', 'load_by_modality', 'router_entropy',
+           'imbalance', 'ExpertFamily', 'article_families', 'ExpertFamilies', 'real_tokens', 'MoELayer', 'moe_end_step']
 
 # %% ../nbs/08_moe.ipynb #11afed4f
 @dataclass
@@ -191,13 +191,25 @@ def sort_by_expert(routing: Routing, n_experts: int, method: str = "count") -> S
     return Sorted(order, inverse, token, counts, counts.cumsum(0))
 
 # %% ../nbs/08_moe.ipynb #f5988c81
+@torch.compiler.assume_constant_result  # asked once per compiled graph, not traced
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+def grouped_mm_supported(rows: torch.Tensor, weights: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` takes these operands on this device: bf16 on a GPU of compute capability 8.0 or
+    more (Hopper runs a fused CUTLASS kernel, Ampere torch's own loop), with rows and weights 16-byte aligned."""
+    if not (rows.is_cuda and rows.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")): return False
+    aligned = rows.shape[-1] % 8 == 0 and weights.shape[-1] % 8 == 0  # 8 bf16 values = 16 bytes
+    return aligned and _capability(rows.device.index or 0) >= (8, 0)
+
 def grouped_matmul(
-    rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor
+    rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor, fast: bool | None = None
 ) -> torch.Tensor:
-    "rows (N, K) sorted by expert @ weights (E, K, M), each expert's slice with its own matrix -> (N, M)."
-    if rows.is_cuda and rows.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+    """rows (N, K) sorted by expert @ weights (E, K, M), each expert's slice with its own matrix -> (N, M).
+    `fast`: torch's grouped GEMM (default: where `grouped_mm_supported`), else one product per expert's slice."""
+    if grouped_mm_supported(rows, weights) if fast is None else fast:
         return torch._grouped_mm(rows, weights, offs=offsets.to(torch.int32))
-    pieces = rows.split(counts.tolist())  # CPU fallback: the same slices, one product each
+    pieces = rows.split(counts.tolist())  # the fallback: the same slices, one product each
     return torch.cat([p @ weights[e] for e, p in enumerate(pieces)])
 
 # %% ../nbs/08_moe.ipynb #c5756056

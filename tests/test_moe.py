@@ -261,3 +261,33 @@ def test_end_step_sums_loads_over_ranks_so_every_rank_gets_the_same_bias():
     expected = layer.end_step(bias_rate=0.01)
     assert results[0] == results[1]
     assert results[0][0] == expected["load"].tolist() and results[0][1] == pytest.approx(layer.router.bias.tolist())
+
+
+@pytest.mark.parametrize("families", [False, True])
+def test_grouped_gemm_fast_path_equals_the_fallback_in_bf16(monkeypatch, families):
+    "torch._grouped_mm runs on the CPU in torch 2.11: force it where a GPU would take it, compare with the loop."
+    import r1_scratch.moe as moe
+    torch.manual_seed(0)
+    layer = MoELayer(32, 64, n_experts=16, families=moe.article_families(64) if families else None, std=0.2)
+    layer = layer.to(torch.bfloat16)
+    x = torch.randn(2, 24, 32, dtype=torch.bfloat16)
+    mask = torch.ones(2, 24, dtype=torch.bool)
+    mask[1, 17:] = False  # padding: fewer routed rows than tokens
+    runs = {}
+    for fast in (True, False):
+        monkeypatch.setattr(moe, "grouped_mm_supported", lambda rows, weights: fast)
+        layer.zero_grad(set_to_none=True)
+        inputs = x.clone().requires_grad_()
+        y, _ = layer(inputs, mask)
+        y.float().square().sum().backward()
+        runs[fast] = [y.float(), inputs.grad.float(), *(p.grad.float() for p in layer.experts.parameters())]
+    assert len(runs[True]) == len(runs[False]) > 2
+    for fast_value, fallback_value in zip(runs[True], runs[False]):  # bf16: within 1% of each tensor's scale
+        assert (fast_value - fallback_value).abs().max() <= 0.01 * fallback_value.abs().max()
+
+
+def test_grouped_gemm_is_not_asked_of_operands_it_cannot_take():
+    from r1_scratch.moe import grouped_mm_supported
+    rows, weights = torch.randn(8, 16, dtype=torch.bfloat16), torch.randn(2, 16, 8, dtype=torch.bfloat16)
+    assert not grouped_mm_supported(rows, weights)          # a CPU tensor: the loop
+    assert not grouped_mm_supported(rows.float(), weights)  # fp32 anywhere: the loop
