@@ -47,7 +47,7 @@ def run_one(name, preset, overrides, samples, mode, strategy, offload, device, s
     fsdp = strategy == "fsdp" and device == "cuda"
     ran_as = "FSDP2, world size 1" if fsdp else "one process, no wrapper"
     plan = plan_memory(cfg, "fsdp" if fsdp else "ddp", 1, samples * sample_shape(cfg).decoder, mode, offload and fsdp,
-                       precision)
+                       precision, shape=sample_shape(cfg))  # the batch it measures: worst-case samples
     torch.manual_seed(0)
     with torch.device(device):
         model = R1Model(cfg.model)

@@ -20,11 +20,11 @@ from .moe import ExpertFamily, article_families
 from .vision import block_kinds, padded_size, window_shifts
 
 # %% auto #0
-__all__ = ['CHECKPOINTING', 'STRATEGIES', 'PRECISION_BYTES', 'LiveBytes', 'SampleShape', 'sample_shape', 'synthetic_batch',
-           'train_steps', 'measure_peak', 'linear_inputs', 'attention_half', 'expert_hidden', 'ffn_half',
-           'encoder_block', 'vision_masks', 'stems', 'decoder_edges', 'loss_peak', 'selective_block', 'block_transient',
-           'PlanError', 'check_settings', 'autocast_params', 'model_sizes', 'Block', 'step_blocks', 'MemoryPlan',
-           'comm_buffers', 'plan_memory', 'choose_strategy', 'plan_for']
+__all__ = ['CHECKPOINTING', 'STRATEGIES', 'PRECISION_BYTES', 'SHORTEST_TEXT', 'LiveBytes', 'SampleShape', 'sample_shape',
+           'synthetic_batch', 'train_steps', 'measure_peak', 'linear_inputs', 'attention_half', 'expert_hidden',
+           'ffn_half', 'encoder_block', 'vision_masks', 'stems', 'decoder_edges', 'loss_peak', 'selective_block',
+           'block_transient', 'PlanError', 'check_settings', 'autocast_params', 'model_sizes', 'Block', 'step_blocks',
+           'MemoryPlan', 'comm_buffers', 'batch_shapes', 'plan_memory', 'plan_batch', 'choose_strategy', 'plan_for']
 
 # %% ../nbs/19_scaling.ipynb #4eb427b3
 class LiveBytes(TorchDispatchMode):
@@ -55,7 +55,7 @@ class LiveBytes(TorchDispatchMode):
 # %% ../nbs/19_scaling.ipynb #8939b001
 @dataclass
 class SampleShape:
-    "Tokens of one worst-case sample: image patches, audio frames and text, one decoder sequence."
+    "Tokens of one sample: image patches, audio frames and text, one decoder sequence."
     image: int
     audio: int
     text: int
@@ -268,9 +268,9 @@ class Block:
     cast: int
 
 # %% ../nbs/19_scaling.ipynb #a496c449
-def step_blocks(cfg: Config, s: int, samples: int, checkpointing: str) -> list[Block]:
-    "The step's blocks in forward order (vision, audio, decoder) for `samples` worst-case samples."
-    m, shape, sizes = cfg.model, sample_shape(cfg), model_sizes(cfg.model)
+def step_blocks(cfg: Config, s: int, samples: int, checkpointing: str, shape: SampleShape | None = None) -> list[Block]:
+    "The step's blocks in forward order (vision, audio, decoder) for `samples` samples of `shape` (the worst case)."
+    m, shape, sizes = cfg.model, shape or sample_shape(cfg), model_sizes(cfg.model)
     L, D = shape.decoder, m.d_model
     grid = padded_size(m.image_size // m.patch_size, m.window_size) ** 2 * (shape.image > 0)  # windows pad the grid
     rows = [("vision", grid, encoder_block(m, s, keys), s * D) for keys in vision_masks(m)]
@@ -335,22 +335,47 @@ def comm_buffers(sizes: dict, strategy: str, world: int, s: int) -> tuple[float,
     return 2 * unit * s + root, backward, root
 
 
+# %% ../nbs/19_scaling.ipynb #adf374aa
+SHORTEST_TEXT = 8  # tokens: a one-word question and its answer with their special tokens (the bundled data: 10)
+
+def batch_shapes(cfg: Config) -> dict[str, SampleShape]:
+    "The kinds of batch the loader makes, by their samples: the worst case, and each set of prefix blocks packed."
+    w = sample_shape(cfg)
+    return {"worst-case samples": w, "images, short texts": SampleShape(w.image, 0, SHORTEST_TEXT),
+            "clips, short texts": SampleShape(0, w.audio, SHORTEST_TEXT),
+            "images and clips, short texts": SampleShape(w.image, w.audio, SHORTEST_TEXT),
+            "long texts alone": SampleShape(0, 0, w.text)}
+
 # %% ../nbs/19_scaling.ipynb #88a4fecd
 def plan_memory(cfg: Config, strategy: str = "fsdp", world: int = 1, micro_batch_tokens: int | None = None,
                 activation_checkpointing: str = "none", cpu_offload: bool = False, precision: str = "bf16",
-                slack: float = 0.1, reserved_bytes: float = 2 ** 30) -> MemoryPlan:
-    "Predict one GPU's peak memory in a training step of `cfg`'s decoder with its vision and audio encoders."
+                slack: float = 0.1, reserved_bytes: float = 2 ** 30, shape: SampleShape | None = None) -> MemoryPlan:
+    """Predict one GPU's peak memory in a training step of `cfg`'s decoder with its vision and audio encoders: the
+    largest over the kinds of batch the loader makes (`batch_shapes`), or for micro-batches of `shape` samples."""
     check_settings(strategy, world, activation_checkpointing, cpu_offload, precision)
-    m, shape, sizes = cfg.model, sample_shape(cfg), model_sizes(cfg.model)
-    tokens = micro_batch_tokens or cfg.stages["sft"].max_tokens or shape.decoder * cfg.data.batch_size
-    samples = tokens // shape.decoder
-    if samples < 1:
-        raise PlanError(f"micro_batch_tokens={tokens} is less than one worst-case sample ({shape.decoder} tokens)")
+    unit = shape or sample_shape(cfg)
+    tokens = micro_batch_tokens or cfg.stages["sft"].max_tokens or unit.decoder * cfg.data.batch_size
+    if tokens < unit.decoder:
+        raise PlanError(f"micro_batch_tokens={tokens} is less than one worst-case sample ({unit.decoder} tokens)")
+    budget = tokens // unit.decoder * unit.decoder  # whole samples of the worst case (or of `shape`)
+    most = cfg.stages["sft"].batch_size or cfg.data.batch_size  # the loader's cap on a batch's samples
+    kinds = {"given samples": shape} if shape else batch_shapes(cfg)
+    plans = [plan_batch(cfg, name, kind, min(most, budget // kind.decoder), strategy, world, activation_checkpointing,
+                        cpu_offload, precision, slack, reserved_bytes) for name, kind in kinds.items()]
+    plan = max(plans, key=lambda p: p.total)
+    plan.settings["micro_batch_tokens"] = budget
+    return plan
+
+def plan_batch(cfg: Config, batch: str, shape: SampleShape, samples: int, strategy: str, world: int,
+               activation_checkpointing: str, cpu_offload: bool, precision: str, slack: float,
+               reserved_bytes: float) -> MemoryPlan:
+    "`plan_memory` for micro-batches of `samples` samples of `shape` (a kind of batch named `batch`)."
+    m, sizes = cfg.model, model_sizes(cfg.model)
     s, P = PRECISION_BYTES[precision], sizes["total"]
     share = (1 / world if strategy == "fsdp" else 1) * (not cpu_offload)  # of the fp32 state, on this GPU
     grad, cast = 4 * share, 2 * (s < 4) * (strategy == "ddp")  # bytes per parameter
     resident = dict(params=4 * P * share, optimizer=8 * P * share, buckets=4 * P * (strategy == "ddp" and world > 1))
-    blocks = step_blocks(cfg, s, samples, activation_checkpointing)
+    blocks = step_blocks(cfg, s, samples, activation_checkpointing, shape)
     mask = shape.decoder ** 2 * (activation_checkpointing != "none")  # every checkpointed block keeps the bool mask
     kept = (stems(m, s, shape) + decoder_edges(m, s, shape) + mask) * samples + sum(b.kept for b in blocks)
     forward, backward, root_only = comm_buffers(sizes, strategy, world, s)
@@ -368,7 +393,8 @@ def plan_memory(cfg: Config, strategy: str = "fsdp", world: int = 1, micro_batch
     parts = phases[phase]
     parts["slack"] = slack * sum(parts.values()) + reserved_bytes
     settings = dict(preset=cfg.preset, strategy=strategy, world=world, micro_batch_tokens=samples * shape.decoder,
-                    checkpointing=activation_checkpointing, cpu_offload=cpu_offload, precision=precision)
+                    checkpointing=activation_checkpointing, cpu_offload=cpu_offload, precision=precision, batch=batch,
+                    samples=samples)
     return MemoryPlan(parts, phase, settings, host=16 * P / world * cpu_offload)
 
 # %% ../nbs/19_scaling.ipynb #2fdb9c9d

@@ -4,7 +4,7 @@ import torch
 
 from r1_scratch.config import apply_overrides, get_preset
 from r1_scratch.distributed import apply_activation_checkpointing
-from r1_scratch.memory import (PlanError, attention_half, choose_strategy, encoder_block, ffn_half,
+from r1_scratch.memory import (PlanError, attention_half, batch_shapes, choose_strategy, encoder_block, ffn_half,
                                measure_peak, model_sizes, plan_for, plan_memory, sample_shape, synthetic_batch)
 from r1_scratch.model import R1Model
 
@@ -81,7 +81,7 @@ def test_the_plan_matches_a_measured_step_on_tiny(mode):
     torch.manual_seed(0)
     model = apply_activation_checkpointing(R1Model(cfg.model), mode)
     measured = measure_peak(model, synthetic_batch(cfg, 4), steps=2)["peak"]
-    plan = plan_memory(cfg, "ddp", 1, 4 * sample_shape(cfg).decoder, mode, precision="fp32")
+    plan = plan_memory(cfg, "ddp", 1, 4 * sample_shape(cfg).decoder, mode, precision="fp32", shape=sample_shape(cfg))
     assert abs(plan.allocated / measured - 1) < 0.1, (plan.table(), measured)
 
 
@@ -104,3 +104,15 @@ def test_the_decoder_block_formula_matches_its_saved_tensors():
     L = sample_shape(cfg).decoder
     per_token = sum(saved.values()) / (2 * L)
     assert per_token == pytest.approx(attention_half(cfg.model, 4, L) + ffn_half(cfg.model, 4), rel=0.01)
+
+
+def test_the_plan_covers_every_kind_of_batch_the_loader_makes(r1_22b):
+    "A budget of short clips holds six times the clips of worst-case samples: the plan is the largest kind's."
+    plan = plan_memory(r1_22b, "fsdp", 8, activation_checkpointing="full")
+    worst = plan_memory(r1_22b, "fsdp", 8, activation_checkpointing="full", shape=sample_shape(r1_22b))
+    budget = worst.settings["micro_batch_tokens"]
+    kinds = {name: plan_memory(r1_22b, "fsdp", 8, budget, "full", shape=shape).total
+             for name, shape in batch_shapes(r1_22b).items()}
+    assert plan.total == max(kinds.values()) > worst.total
+    assert plan.settings["batch"] == max(kinds, key=kinds.get) != "worst-case samples"
+    assert plan.settings["micro_batch_tokens"] == worst.settings["micro_batch_tokens"]  # the same token budget

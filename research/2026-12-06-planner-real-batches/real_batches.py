@@ -36,7 +36,9 @@ def main():
     cfg.data.num_workers = 0
     st = cfg.stages["sft"]
     worst = sample_shape(cfg).decoder
-    plan = plan_memory(cfg, "ddp", 1, None, "none", precision="fp32", slack=0, reserved_bytes=0)
+    # the plan of worst-case samples alone (the planner before it planned every kind of batch), and today's plan
+    plan = plan_memory(cfg, "ddp", 1, None, "none", precision="fp32", slack=0, reserved_bytes=0, shape=sample_shape(cfg))
+    every_kind = plan_memory(cfg, "ddp", 1, None, "none", precision="fp32", slack=0, reserved_bytes=0)
     worst_samples = plan.settings["micro_batch_tokens"] // worst
     rows = [dict(batch="worst case", samples=worst_samples, images=worst_samples, clips=worst_samples,
                  padded_length=worst, measured_mib=peak_of(cfg, synthetic_batch(cfg, worst_samples)) / 2**20)]
@@ -50,10 +52,12 @@ def main():
         r["planned_mib"] = round(plan.allocated / 2**20, 2)
         r["planned_over_measured"] = round(plan.allocated / 2**20 / r["measured_mib"], 3)
         r["beyond_state_ratio"] = round((plan.allocated / 2**20 - state) / (r["measured_mib"] - state), 3)
+        r["every_kind_planned_mib"] = round(every_kind.allocated / 2**20, 2)
+        r["every_kind_beyond_state_ratio"] = round((every_kind.allocated / 2**20 - state) / (r["measured_mib"] - state), 3)
         r["measured_mib"] = round(r["measured_mib"], 2)
         print(json.dumps(r), flush=True)
     result = dict(command="python research/2026-12-06-planner-real-batches/real_batches.py", preset="tiny",
-                  token_budget=st.max_tokens, worst_case_sample_tokens=worst, state_mib=round(state, 2), plan_phase=plan.phase, rows=rows)
+                  token_budget=st.max_tokens, worst_case_sample_tokens=worst, state_mib=round(state, 2), plan_phase=plan.phase, every_kind_batch=every_kind.settings['batch'], rows=rows)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 
