@@ -335,7 +335,7 @@ def comm_buffers(sizes: dict, strategy: str, world: int, s: int) -> tuple[float,
     return 2 * unit * s + root, backward, root
 
 
-# %% ../nbs/19_scaling.ipynb #adf374aa
+# %% ../nbs/19_scaling.ipynb #9958b0c1
 SHORTEST_TEXT = 8  # tokens: a one-word question and its answer with their special tokens (the bundled data: 10)
 
 def batch_shapes(cfg: Config) -> dict[str, SampleShape]:
