@@ -11,6 +11,7 @@ import argparse
 import itertools
 import json
 import logging
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -51,7 +52,7 @@ def run(cfg, held: list[dict], limit: int, fsdp: bool) -> dict:
     rt = local_runtime("fp32")  # bf16 is refused on a CPU: FSDP2 here keeps fp32 weights
     if fsdp: shard_model(model, rt)  # as bench/step_vs_dense.py shards its fsdp+compile arm
     stage = lm_stage(cfg, "sft", steps=10**6, evaluate=None)
-    trainer = Trainer(model, stage, cfg, Path("/tmp/recompiles_probe"), rt, callbacks=[])
+    trainer = Trainer(model, stage, cfg, Path(tempfile.mkdtemp()), rt, callbacks=[])
     start = time.perf_counter()
     batches = iter(held)
     for _ in range(len(held) // stage.grad_accum):
