@@ -252,8 +252,8 @@ def load_whole_weights(model: nn.Module, tensors: dict[str, torch.Tensor]):
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> nn.Module:
     "torch.compile each block's forward on its own (regional compilation); in place, names and weights unchanged."
     # Every block of one class shares its forward's code object, and dynamo keeps one cache of compiled versions per
-    # code object: the vision encoder's shifted and unshifted windows, each at a few image grids, passed the default 8
-    # and the rest of its blocks fell back to eager (slower than never compiling, measured on `small`).
+    # code object: on an H200, `small`'s vision block reached the default limit of 8 and ran eager from then on
+    # (research/2026-12-06-compile-recompiles).
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in all_blocks(model):
         eager = block.__dict__.setdefault("_eager_forward", block.__dict__.get("_plain_forward", block.forward))

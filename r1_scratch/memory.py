@@ -24,7 +24,7 @@ __all__ = ['CHECKPOINTING', 'STRATEGIES', 'PRECISION_BYTES', 'SHORTEST_TEXT', 'L
            'synthetic_batch', 'train_steps', 'measure_peak', 'linear_inputs', 'attention_half', 'expert_hidden',
            'ffn_half', 'encoder_block', 'vision_masks', 'stems', 'decoder_edges', 'loss_peak', 'selective_block',
            'block_transient', 'PlanError', 'check_settings', 'autocast_params', 'model_sizes', 'Block', 'step_blocks',
-           'MemoryPlan', 'comm_buffers', 'batch_shapes', 'plan_memory', 'plan_batch', 'choose_strategy', 'plan_for']
+           'MemoryPlan', 'comm_buffers', 'batch_shapes', 'plan_memory', 'choose_strategy', 'plan_for']
 
 # %% ../nbs/19_scaling.ipynb #4eb427b3
 class LiveBytes(TorchDispatchMode):
@@ -360,13 +360,13 @@ def plan_memory(cfg: Config, strategy: str = "fsdp", world: int = 1, micro_batch
     budget = tokens // unit.decoder * unit.decoder  # whole samples of the worst case (or of `shape`)
     most = cfg.stages["sft"].batch_size or cfg.data.batch_size  # the loader's cap on a batch's samples
     kinds = {"given samples": shape} if shape else batch_shapes(cfg)
-    plans = [plan_batch(cfg, name, kind, min(most, budget // kind.decoder), strategy, world, activation_checkpointing,
+    plans = [_plan_batch(cfg, name, kind, min(most, budget // kind.decoder), strategy, world, activation_checkpointing,
                         cpu_offload, precision, slack, reserved_bytes) for name, kind in kinds.items()]
     plan = max(plans, key=lambda p: p.total)
     plan.settings["micro_batch_tokens"] = budget
     return plan
 
-def plan_batch(cfg: Config, batch: str, shape: SampleShape, samples: int, strategy: str, world: int,
+def _plan_batch(cfg: Config, batch: str, shape: SampleShape, samples: int, strategy: str, world: int,
                activation_checkpointing: str, cpu_offload: bool, precision: str, slack: float,
                reserved_bytes: float) -> MemoryPlan:
     "`plan_memory` for micro-batches of `samples` samples of `shape` (a kind of batch named `batch`)."

@@ -198,7 +198,7 @@ def _capability(index: int) -> tuple[int, int]:
 def grouped_mm_supported(rows: torch.Tensor, weights: torch.Tensor) -> bool:
     """Whether `torch._grouped_mm` takes these operands on this device: bf16 on a GPU of compute capability 8.0 or
     more (Hopper runs a fused CUTLASS kernel, Ampere torch's own loop), with rows and weights 16-byte aligned."""
-    if not (rows.is_cuda and rows.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")): return False
+    if not (rows.is_cuda and rows.dtype == torch.bfloat16): return False
     aligned = rows.shape[-1] % 8 == 0 and weights.shape[-1] % 8 == 0  # 8 bf16 values = 16 bytes
     return aligned and _capability(rows.device.index or 0) >= (8, 0)
 

@@ -62,6 +62,7 @@ def run(cfg, held: list[dict], limit: int, fsdp: bool) -> dict:
                 frames_compiled=counters["frames"]["ok"], frames_total=counters["frames"]["total"],
                 unique_graphs=counters["stats"]["unique_graphs"],
                 graph_breaks=sum(counters["graph_break"].values()),
+                graph_break_reasons={k[:120]: v for k, v in counters["graph_break"].items()},
                 recompile_limit_hits=dict(hits.hits),
                 block_kinds=dict(kinds))
 
