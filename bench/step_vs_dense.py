@@ -1,9 +1,11 @@
-"""Our stage-3 training step against a plain dense decoder of the same width, depth, vocabulary and tokens, in one
-run on one GPU: tokens/s, MFU and peak memory of each, and our MFU as a ratio of the plain decoder's.
+"""Our training step against a plain dense decoder of the same width, depth, vocabulary and tokens, in one run on one
+GPU: tokens/s, MFU and peak memory of each, and our MFU as a ratio of the plain decoder's.
 
-    python bench/step_vs_dense.py [--preset base] [--steps 10] [--arms ddp fsdp] [--out bench/results/step_vs_dense_h200.json]
+    python bench/step_vs_dense.py [--preset base] [--stages sft] [--steps 10] [--arms ddp fsdp] [--out FILE]
 
-Our arms run the launch's Trainer on 8 real stage-3 batches held in memory (the loader is measured elsewhere):
+Our arms run the launch's Trainer on 8 real batches of each stage held in memory (the loader is measured elsewhere;
+--stages pretrain align sft measures stages 1 and 2 too, with the FLOPs each stage counts: stage 1 the decoder on
+text and each encoder on its own modality, stage 2 the three encoders):
 `ddp` is the model as one process trains it today (fp32 weights under bf16 autocast), `fsdp` the same model under
 FSDP2 at world size 1 (bf16 compute weights over fp32 master weights), `+ckpt` arms add activation checkpointing,
 `+compile` arms compile each block (r1_scratch.distributed.compile_blocks). An arm may carry its own config overrides
@@ -28,11 +30,11 @@ import torch.nn.functional as F
 
 from r1_scratch.data import build_loader
 from r1_scratch.distributed import apply_activation_checkpointing, compile_blocks, shard_model
-from r1_scratch.launch import resolve_config
+from r1_scratch.launch import STAGES, resolve_config
 from r1_scratch.layers import RMSNorm, TransformerBlock, init_weights
 from r1_scratch.model import R1Model
 from r1_scratch.runtime import local_runtime
-from r1_scratch.trainer import Trainer, lm_stage
+from r1_scratch.trainer import Trainer
 
 PEAK_TFLOPS = 989.0
 
@@ -54,8 +56,8 @@ def arm_config(preset: str, overrides: list[str], arm: str):
     return resolve_config(None, preset, [*overrides, *(extra.split(",") if extra else [])])
 
 
-def our_arm(cfg, held: list[dict], arm: str, steps: int) -> dict:
-    "The launch's Trainer on held batches: tokens, FLOPs and time of a step."
+def our_arm(cfg, held: list[dict], arm: str, steps: int, stage_name: str = "sft") -> dict:
+    "The launch's Trainer on held batches of a stage: tokens, FLOPs and time of a step (means over the timed steps)."
     rt = local_runtime("bf16")
     torch.manual_seed(0)
     model = R1Model(cfg.model).to(rt.device)
@@ -63,17 +65,18 @@ def our_arm(cfg, held: list[dict], arm: str, steps: int) -> dict:
     if "compile" in name: compile_blocks(model)
     if "ckpt" in name: apply_activation_checkpointing(model, "full")
     if name.startswith("fsdp"): shard_model(model, rt)
-    stage = lm_stage(cfg, "sft", steps=10**6, evaluate=None)
+    stage = STAGES[stage_name](cfg, stage_name, steps=10**6, evaluate=None)
     trainer = Trainer(model, stage, cfg, Path(tempfile.mkdtemp()), rt, callbacks=[])
     batches = itertools.cycle(held)
-    last, losses = {}, []
+    work, losses = [], []
     def step():
         result = trainer.train_step(trainer.micro_batches(batches))
-        last.update(result.metrics)
+        work.append((result.metrics["tokens"], result.metrics["flops"]))
         losses.append(round(result.loss, 4))
     seconds, peak = timed(step, steps)
-    tokens, flops = last["tokens"], last["flops"]  # of the last step: the held batches cycle
-    return dict(arm=arm, step_s=round(seconds, 4), tokens_per_step=int(tokens), tokens_per_s=round(tokens / seconds),
+    tokens, flops = (sum(w[i] for w in work[-steps:]) / steps for i in (0, 1))  # stage 1's steps differ by modality
+    return dict(arm=arm, stage=stage_name, step_s=round(seconds, 4), tokens_per_step=int(tokens),
+                tokens_per_s=round(tokens / seconds),
                 mfu=round(flops / seconds / 1e12 / PEAK_TFLOPS, 4), peak_gb=round(peak, 2),
                 losses=losses)  # every step's loss, warm-up included: the arms' curves must overlay
 
@@ -91,6 +94,14 @@ class PlainDecoder(nn.Module):
         x = self.embed(ids)
         for block in self.blocks: x = block(x, causal=True)
         return F.linear(self.norm(x), self.embed.weight)
+
+
+def held_batches(cfg, stage_name: str) -> list[dict]:
+    "8 batches of a stage's own loader (its mixture, batch size and token budget)."
+    st = cfg.stages[stage_name]
+    one_source = stage_name == "pretrain"  # stage 1 trains on one modality per batch (13_stage1_pretrain)
+    return list(itertools.islice(build_loader(cfg, "train", st.mixture or None, batch_size=st.batch_size,
+                                              max_tokens=st.max_tokens, one_source_per_batch=one_source), 8))
 
 
 def plain_arm(cfg, tokens: int, steps: int, compiled: bool) -> dict:
@@ -124,21 +135,21 @@ def main():
     p.add_argument("--preset", default="base")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--arms", nargs="+", default=["ddp", "fsdp"])
+    p.add_argument("--stages", nargs="+", default=["sft"], choices=list(STAGES)[:3])
     p.add_argument("--out", default="bench/results/step_vs_dense_h200.json")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     # 4 loader workers: data_samples/ has 4 shards a source (the held batches are read once anyway)
     overrides = ["train.wandb=disabled", "train.ckpt_every=0", "data.num_workers=4", *args.overrides]
     cfg = resolve_config(None, args.preset, overrides)
-    st = cfg.stages["sft"]
-    held = list(itertools.islice(build_loader(cfg, "train", st.mixture, batch_size=st.batch_size,
-                                              max_tokens=st.max_tokens), 8))
     rows = []
-    for arm in args.arms:
-        rows.append(our_arm(arm_config(args.preset, overrides, arm), held, arm, args.steps))
-        print(json.dumps(rows[-1]), flush=True)
-        torch.cuda.empty_cache()
-    tokens = rows[0]["tokens_per_step"]
+    for stage_name in args.stages:
+        held = held_batches(cfg, stage_name)
+        for arm in args.arms:
+            rows.append(our_arm(arm_config(args.preset, overrides, arm), held, arm, args.steps, stage_name))
+            print(json.dumps(rows[-1]), flush=True)
+            torch.cuda.empty_cache()
+    tokens = next((r for r in rows if r["stage"] == "sft"), rows[0])["tokens_per_step"]
     for compiled in (False, True):
         rows.append(plain_arm(cfg, tokens, args.steps, compiled))
         print(json.dumps(rows[-1]), flush=True)
@@ -147,7 +158,8 @@ def main():
     ours = [r for r in rows if "losses" in r]
     # the same model on the same batches in the same order: a faster step must not change what is learned
     for r in ours:
-        first = next(o for o in ours if o["arm"].partition("@")[2] == r["arm"].partition("@")[2])
+        first = next(o for o in ours if o["arm"].partition("@")[2] == r["arm"].partition("@")[2]
+                     and o["stage"] == r["stage"])
         r["largest_loss_gap_vs_first_arm"] = round(max(abs(a - b) for a, b in zip(r["losses"], first["losses"])), 4)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = dict(command="python " + " ".join(sys.argv), commit=commit, preset=args.preset,

@@ -103,7 +103,8 @@ def torchao_config(recipe: str):
     from torchao.quantization import Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
     if recipe == "int8_weight": return Int8WeightOnlyConfig()
     if recipe == "int8_dynamic": return Int8DynamicActivationInt8WeightConfig()
-    if recipe == "int4_weight": return Int4WeightOnlyConfig(group_size=32)  # CUDA kernels only, see below
+    if recipe == "int4_weight":  # torch's own tinygemm kernel (CUDA only); the default format needs the mslk package
+        return Int4WeightOnlyConfig(group_size=32, int4_packing_format="tile_packed_to_4d")
     raise ValueError(f"recipe must be one of {RECIPES}, not {recipe!r}")
 
 def compress(model: R1Model, recipe: str) -> R1Model:

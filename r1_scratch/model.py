@@ -20,7 +20,7 @@ from .text import MaskedLMHead
 # %% auto #0
 __all__ = ['PRETRAIN_LOSSES', 'make_moe', 'TokenInfo', 'DecoderBlock', 'TrainingHeads', 'ModelOutput', 'R1Model', 'token_losses',
            'targets_per_row', 'lm_loss_sum', 'count_targets', 'sample_next', 'generate', 'count_parameters',
-           'build_on_meta', 'count_tokens', 'model_flops']
+           'build_on_meta', 'count_tokens', 'model_flops', 'encoder_tokens', 'encoder_flops']
 
 # %% ../nbs/10_model.ipynb #7bbb77fa
 def make_moe(m: ModelConfig) -> MoELayer:
@@ -292,5 +292,15 @@ def model_flops(model: R1Model, batch: dict) -> float:
     tokens = text_tokens + images * m.n_patches + frames                  # real decoder tokens
     L = batch["input_ids"].shape[1] + (m.n_patches if images else 0) + int(frame_counts.max())  # padded length
     flops = 6 * decoder * tokens + 6 * m.d_model * m.vocab_size * text_tokens + 12 * m.n_layers * m.d_model * L * tokens
-    flops += 6 * _matmul_params(model.encoders.vision) * images * m.n_patches
-    return flops + 6 * _matmul_params(model.encoders.audio) * frames
+    return flops + encoder_flops(model, batch, ("vision", "audio"))
+
+def encoder_tokens(model: R1Model, batch: dict, parts=("text", "vision", "audio")) -> dict:
+    "The tokens each named encoder reads in a batch: caption tokens (text), image patches (vision), audio frames."
+    _, images, frames = _token_counts(model, batch)
+    counts = dict(text=batch["text_mask"].sum().item(), vision=images * model.cfg.n_patches, audio=frames.sum().item())
+    return {part: counts[part] for part in parts}
+
+def encoder_flops(model: R1Model, batch: dict, parts=("text", "vision", "audio")) -> float:
+    "Training FLOPs of the named encoders' passes over a batch: 6 x each one's matmul parameters x its tokens."
+    tokens = encoder_tokens(model, batch, parts)
+    return sum(6 * _matmul_params(getattr(model.encoders, part)) * n for part, n in tokens.items())

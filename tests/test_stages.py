@@ -14,8 +14,8 @@ from r1_scratch.align import (MAX_LOGIT_SCALE, align_objective, align_stage, cap
                               retrieval_metrics, swap_one_word, uniformity, word_swaps)
 from r1_scratch.config import SHAPE_WORDS, get_preset, with_data_root
 from r1_scratch.data import IGNORE_INDEX, TextTokenizer, build_loader
-from r1_scratch.model import PRETRAIN_LOSSES, R1Model
-from r1_scratch.pretrain import batch_modality, patchify, span_mask, uncertainty_weighted
+from r1_scratch.model import PRETRAIN_LOSSES, R1Model, model_flops
+from r1_scratch.pretrain import batch_modality, patchify, pretrain_stage, span_mask, uncertainty_weighted
 from r1_scratch.config import apply_overrides
 from r1_scratch.sft import blind_accuracy, final_answer, is_correct, prompts_of, select_rows, sft_stage
 
@@ -279,3 +279,35 @@ def test_blind_accuracy_is_leave_one_out():
     assert blind_accuracy(["q"] * 4, ["a", "a", "a", "b"]) == 0.75
     assert blind_accuracy(["q1", "q2", "q3"], ["x", "y", "z"]) == 0.0     # unique answers: nothing to copy
     assert blind_accuracy(["q1", "q2", "q3"], ["x", "x", "y"]) == pytest.approx(2 / 3)  # falls back to the commonest
+
+
+def matmul_params(module) -> int:
+    return sum(p.numel() for n, p in module.named_parameters() if p.dim() >= 2 and "embedding" not in n)
+
+
+def test_stages_1_and_2_count_the_flops_of_what_they_train(cfg, model):
+    "MFU of stages 1 and 2: each encoder's parameters times the tokens it reads; the decoder only on stage 1's text."
+    full = apply_overrides(cfg, ["stages.pretrain.mixture={text: 0.4, scenes: 0.3, speech: 0.3}",
+                                 "stages.pretrain.options.masking=0.15"])
+    pretrain = pretrain_stage(full)
+    kinds = {}
+    for batch in build_loader(full, "train", {"text": 0.4, "scenes": 0.3, "speech": 0.3}, batch_size=8,
+                              num_workers=0, one_source_per_batch=True):
+        kinds.setdefault(batch_modality(batch), batch)
+        if len(kinds) == 3: break
+    enc = model.encoders
+    image, audio, text = kinds["image"], kinds["audio"], kinds["text"]
+    patches = int(image["has_image"].sum()) * model.cfg.n_patches
+    assert pretrain.flops(model, image) == 6 * matmul_params(enc.vision) * patches
+    assert pretrain.tokens(model, image) == patches
+    frames = int(enc.audio.frame_lengths(audio["audio_lengths"][audio["audio_lengths"] > 0]).sum())
+    assert pretrain.flops(model, audio) == 6 * matmul_params(enc.audio) * frames
+    mlm = 6 * matmul_params(enc.text) * int(text["text_mask"].sum())
+    assert pretrain.flops(model, text) == model_flops(model, text) + mlm  # the decoder's LM and the masked LM
+    align = align_stage(cfg)
+    batch = next(iter(build_loader(cfg, "train", {"scenes": 0.5, "speech": 0.5}, batch_size=16, num_workers=0)))
+    tokens = (int(batch["text_mask"].sum()), int(batch["has_image"].sum()) * model.cfg.n_patches,
+              int(enc.audio.frame_lengths(batch["audio_lengths"][batch["audio_lengths"] > 0]).sum()))
+    assert align.tokens(model, batch) == sum(tokens) and min(tokens) > 0
+    expected = 6 * sum(matmul_params(e) * n for e, n in zip((enc.text, enc.vision, enc.audio), tokens))
+    assert align.flops(model, batch) == expected
