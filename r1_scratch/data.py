@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as torchvision_decode_image
 
-from .runtime import pin_memory
+from .runtime import pin_memory, worker_start_method
 
 log = logging.getLogger("r1_scratch.data")
 
@@ -540,6 +540,7 @@ class Loader:
                           worker_init_fn=_one_thread if self.num_workers else None,
                           generator=torch.Generator().manual_seed(self.spec.seed),
                           persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
+                          multiprocessing_context=worker_start_method() if self.num_workers else None,
                           # page-locked batches on a GPU machine: the trainer's non_blocking copies then run
                           # asynchronously (from pageable memory each blocks the CPU; 17 ms of copies a
                           # step of `small` in bench/results/train_profile_h200.json)

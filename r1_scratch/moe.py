@@ -191,16 +191,16 @@ def sort_by_expert(routing: Routing, n_experts: int, method: str = "count") -> S
     return Sorted(order, inverse, token, counts, counts.cumsum(0))
 
 # %% ../nbs/08_moe.ipynb #f5988c81
-@torch.compiler.assume_constant_result  # asked once per compiled graph, not traced
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+@torch.compiler.assume_constant_result  # asked once per compiled graph, not traced; a bool, since dynamo
+def _capable_of_grouped_mm(index: int) -> bool:  # cannot compare the tuple such a function returns
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 def grouped_mm_supported(rows: torch.Tensor, weights: torch.Tensor) -> bool:
     """Whether `torch._grouped_mm` takes these operands on this device: bf16 on a GPU of compute capability 8.0 or
     more (Hopper runs a fused CUTLASS kernel, Ampere torch's own loop), with rows and weights 16-byte aligned."""
     if not (rows.is_cuda and rows.dtype == torch.bfloat16): return False
     aligned = rows.shape[-1] % 8 == 0 and weights.shape[-1] % 8 == 0  # 8 bf16 values = 16 bytes
-    return aligned and _capability(rows.device.index or 0) >= (8, 0)
+    return aligned and _capable_of_grouped_mm(rows.device.index or 0)
 
 def grouped_matmul(
     rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor, fast: bool | None = None

@@ -15,9 +15,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 # %% auto #0
-__all__ = ['is_distributed', 'Runtime', 'resolve_precision', 'default_device', 'local_runtime', 'autocast', 'process_device',
-           'init_distributed', 'shutdown', 'ensure_process_group', 'world_size', 'rank', 'barrier', 'model_device',
-           'pin_memory', 'peak_memory', 'print0', 'setup_logging', 'recomputation', 'recomputing']
+__all__ = ['is_distributed', 'Runtime', 'resolve_precision', 'default_device', 'use_shape_stable_attention', 'local_runtime',
+           'autocast', 'process_device', 'init_distributed', 'shutdown', 'ensure_process_group', 'world_size', 'rank',
+           'barrier', 'model_device', 'pin_memory', 'worker_start_method', 'peak_memory', 'print0', 'setup_logging',
+           'recomputation', 'recomputing']
 
 # %% ../nbs/00_runtime.ipynb #fe3e4e35
 def is_distributed() -> bool:
@@ -53,9 +54,18 @@ def default_device() -> torch.device:
     "The GPU if there is one, else the CPU."
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+def use_shape_stable_attention(device: torch.device):
+    """Leave SDPA's cuDNN backend out on a GPU: it builds an execution plan for every new shape (60-190 ms each on an
+    H100; research/2026-12-06-sdpa-shapes), and our shapes change all the time (token-budget batches, a KV cache one
+    token longer at every decoding step). Flash and memory-efficient attention take the same calls at no such cost.
+    R1_CUDNN_ATTENTION=1 keeps cuDNN (for measuring the difference)."""
+    if device.type == "cuda" and os.environ.get("R1_CUDNN_ATTENTION") != "1":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
 def local_runtime(precision: str = "auto") -> Runtime:
     "A one-process Runtime on the default device."
     device = default_device()
+    use_shape_stable_attention(device)
     return Runtime(device, precision=resolve_precision(precision, device))
 
 # %% ../nbs/00_runtime.ipynb #d9e4fc61
@@ -82,6 +92,7 @@ def init_distributed(precision: str = "auto", timeout_minutes: float = 30) -> Ru
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", 0))
     device, backend = process_device(local)
+    use_shape_stable_attention(device)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
@@ -123,6 +134,13 @@ def model_device(model: nn.Module) -> torch.device:
 def pin_memory() -> bool:
     "Whether loader batches should be page-locked: on a GPU machine, so copies to the device run asynchronously."
     return torch.cuda.is_available()
+
+def worker_start_method() -> str | None:
+    """How loader workers start: forked (None, the fast default), unless this process has initialised CUDA. A forked
+    worker inherits the parent's objects, and when its garbage collector frees one that holds CUDA memory (an
+    earlier stage's loader, a pinned batch) the worker aborts with a CUDA initialization error; a worker from a
+    fork server starts clean."""
+    return "forkserver" if torch.cuda.is_initialized() else None
 
 def peak_memory(device: torch.device) -> dict:
     "The most GPU memory PyTorch has handed out since the process started, in GB ({} on a CPU)."

@@ -254,3 +254,15 @@ def test_data_cli_names_a_bad_override():
     out = subprocess.run([sys.executable, "-m", "r1_scratch.data", "data.batch_sise=3"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "batch_sise" in out.stderr
+
+
+def test_workers_start_from_a_fork_server_once_cuda_is_in_use(monkeypatch):
+    "A process that has initialised CUDA must not fork its loader workers: they start clean and give the same batches."
+    import r1_scratch.runtime as runtime
+    cfg = repo_config()
+    forked = keys(build_loader(cfg, "train", SFT, batch_size=8, num_workers=2), 6)
+    monkeypatch.setattr(runtime.torch.cuda, "is_initialized", lambda: True)
+    assert runtime.worker_start_method() == "forkserver"
+    loader = build_loader(cfg, "train", SFT, batch_size=8, num_workers=2)
+    assert loader._dataloader().multiprocessing_context.get_start_method() == "forkserver"
+    assert keys(loader, 6) == forked

@@ -153,3 +153,21 @@ def test_forward_finds_the_real_tokens_once_and_lm_loss_reads_nothing(setup):
     with DeviceReads() as loss: _, _, metrics = lm_loss(model, batch)
     assert (loss.nonzero, loss.scalar_reads) == (forward.nonzero, forward.scalar_reads)  # metrics stay tensors
     assert all(torch.is_tensor(v) for v in metrics.values())
+
+
+def test_attention_leaves_cudnn_out_on_a_gpu_unless_asked(monkeypatch):
+    "cuDNN attention plans every new shape (research/2026-12-06-sdpa-shapes): a GPU runtime turns it off."
+    from r1_scratch.runtime import use_shape_stable_attention
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        use_shape_stable_attention(torch.device("cpu"))
+        assert torch.backends.cuda.cudnn_sdp_enabled()              # the CPU has no cuDNN attention to leave out
+        monkeypatch.setenv("R1_CUDNN_ATTENTION", "1")
+        use_shape_stable_attention(torch.device("cuda"))
+        assert torch.backends.cuda.cudnn_sdp_enabled()              # kept for measuring the difference
+        monkeypatch.delenv("R1_CUDNN_ATTENTION")
+        use_shape_stable_attention(torch.device("cuda"))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

@@ -285,3 +285,14 @@ def test_grouped_gemm_fast_path_equals_the_fallback_in_bf16(monkeypatch, familie
     for fast_value, fallback_value in zip(runs[True], runs[False]):  # bf16: within 1% of each tensor's scale
         assert (fast_value - fallback_value).abs().max() <= 0.01 * fallback_value.abs().max()
 
+
+
+def test_the_grouped_gemm_capability_check_traces_inside_a_compiled_block(monkeypatch):
+    "compile_blocks traces grouped_matmul: its capability check must be a constant dynamo can fold, on every GPU."
+    from r1_scratch import moe
+    for capability, factor in (((9, 0), 2.0), ((7, 5), 3.0)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0, c=capability: c)
+        torch._dynamo.reset()
+        step = torch.compile(lambda x: x * (2 if moe._capable_of_grouped_mm(0) else 3), backend="eager",
+                             fullgraph=True)
+        assert step(torch.ones(2)).tolist() == [factor, factor]
