@@ -138,7 +138,10 @@ def main():
                 row = dict(gpus=1, mode=f"cached batches, compile={compiled}", error=f"{type(error).__name__}: {str(error)[:1500]}")
             print(json.dumps(row), flush=True)
             rows.append(row)
-    result = dict(device=torch.cuda.get_device_name() if available else "cpu", gpus_available=available,
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    cudnn_attention = os.environ.get("R1_CUDNN_ATTENTION") == "1"  # else the decoder leaves cuDNN attention out (00_runtime)
+    result = dict(command="python " + " ".join(sys.argv), commit=commit, cudnn_attention=cudnn_attention,
+                  device=torch.cuda.get_device_name() if available else "cpu", gpus_available=available,
                   torch=torch.__version__, preset=args.preset, overrides=args.overrides, peak_tflops_per_gpu=PEAK_TFLOPS,
                   skipped_gpu_counts=[n for n in args.gpus if n > available], rows=rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

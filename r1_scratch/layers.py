@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .runtime import varying_shape_attention
 
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'RESIDUAL_OUTPUTS', 'POOLS', 'causal_mask', 'combine_masks', 'attention_reference', 'attention',
@@ -79,9 +82,12 @@ def make_norm(kind: str, dim: int) -> nn.Module:
 # %% ../nbs/03_layers.ipynb #d7c02f79
 class MultiHeadAttention(nn.Module):
     """Multi-head self- or cross-attention on SDPA, with padding masks, boolean masks and additive bias.
-    `qk_norm`: each head's queries and keys RMS-normalised with a learned gain (QK-norm, below)."""
-    def __init__(self, dim: int, n_heads: int, dropout: float = 0.0, bias: bool = False, qk_norm: bool = False):
+    `qk_norm`: each head's queries and keys RMS-normalised with a learned gain (QK-norm, below). `varying_shapes`:
+    its inputs change shape from call to call (the decoder's), so SDPA's cuDNN backend is left out (00_runtime)."""
+    def __init__(self, dim: int, n_heads: int, dropout: float = 0.0, bias: bool = False, qk_norm: bool = False,
+                 varying_shapes: bool = False):
         super().__init__()
+        self.varying_shapes = varying_shapes
         if dim % n_heads: raise ValueError(f"n_heads={n_heads} does not divide dim={dim}")
         self.n_heads, self.head_dim, self.dropout = n_heads, dim // n_heads, dropout
         self.q = nn.Linear(dim, dim, bias=bias)
@@ -105,7 +111,8 @@ class MultiHeadAttention(nn.Module):
         only_causal = causal and key_padding_mask is None and attn_mask is None and bias is None and lq == lk
         mask = None if only_causal else combine_masks(lq, lk, key_padding_mask, attn_mask, bias, causal,
                                                       dtype=q.dtype, device=q.device)
-        y = attention(q, k, v, mask, self.dropout if self.training else 0.0, causal_only=only_causal)
+        with varying_shape_attention() if self.varying_shapes else nullcontext():
+            y = attention(q, k, v, mask, self.dropout if self.training else 0.0, causal_only=only_causal)
         y = self.out(y.transpose(1, 2).flatten(2))  # (B, H, Lq, d) -> (B, Lq, D)
         return (y, (k, v)) if return_kv else y
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .layers import MultiHeadAttention, RMSNorm, combine_masks
+from .runtime import varying_shape_attention
 
 # %% auto #0
 __all__ = ['rope_angles', 'apply_rope', 'MultiHeadLatentAttention', 'make_attention', 'cache_elements_per_token', 'cache_bytes']
@@ -98,7 +99,8 @@ class MultiHeadLatentAttention(nn.Module):
         if past_kv is not None: c, k_pe = torch.cat([past_kv[0], c], 1), torch.cat([past_kv[1], k_pe], 1)
         mask = combine_masks(x.shape[1], c.shape[1], attn_mask=attn_mask, dtype=x.dtype, device=x.device)
         absorb = past_kv is not None if absorb is None else absorb
-        y = (self.absorbed if absorb else self.naive)(q_nope, q_pe, c, k_pe, mask)
+        with varying_shape_attention():  # the decoder's attention: a new shape at every batch and decoding step
+            y = (self.absorbed if absorb else self.naive)(q_nope, q_pe, c, k_pe, mask)
         y = self.out(y.transpose(1, 2).flatten(2))  # (B, H, Lq, v) -> (B, Lq, H·v)
         return (y, (c, k_pe)) if return_kv else y
 
@@ -108,7 +110,7 @@ def make_attention(m: ModelConfig) -> nn.Module:
     if m.attention == "mla":
         return MultiHeadLatentAttention(m.d_model, m.n_heads, m.q_lora_rank, m.kv_lora_rank, m.qk_nope_head_dim,
                                         m.qk_rope_head_dim, m.v_head_dim, m.dropout, m.rope_theta)
-    return MultiHeadAttention(m.d_model, m.n_heads, m.dropout, qk_norm=m.qk_norm)
+    return MultiHeadAttention(m.d_model, m.n_heads, m.dropout, qk_norm=m.qk_norm, varying_shapes=True)
 
 # %% ../nbs/09_mla.ipynb #586418f9
 def cache_elements_per_token(m: ModelConfig, kind: str, n_groups: int = 8) -> int:

@@ -15,7 +15,6 @@ from .fusion import MODALITY_IDS, DecoderInputs, MultiModalEncoder
 from .layers import MLP, EncoderOutput, RMSNorm, init_weights
 from .mla import MultiHeadLatentAttention, make_attention
 from .moe import MoELayer, article_expert_modalities, article_families, real_tokens, sequence_complexity
-from .runtime import use_shape_stable_attention
 from .text import MaskedLMHead
 
 # %% auto #0
@@ -203,7 +202,6 @@ def generate(model: R1Model, batch: dict, max_new_tokens: int = 32, temperature:
              top_p: float = 1.0, eos_id: int | None = None, generator: torch.Generator | None = None,
              use_cache: bool = True) -> list[list[int]]:
     "Continue each prompt of `batch` (input_ids right-padded, attention_mask) -> new token ids per sample."
-    use_shape_stable_attention(batch["input_ids"].device)  # every step is a new shape (00_runtime)
     if not use_cache:
         return _generate_recompute(model, batch, max_new_tokens, temperature, top_k, top_p, eos_id, generator)
     out = model(batch, return_kv=True)

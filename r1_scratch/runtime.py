@@ -13,9 +13,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # %% auto #0
-__all__ = ['is_distributed', 'Runtime', 'resolve_precision', 'default_device', 'use_shape_stable_attention', 'local_runtime',
+__all__ = ['is_distributed', 'Runtime', 'resolve_precision', 'default_device', 'varying_shape_attention', 'local_runtime',
            'autocast', 'process_device', 'init_distributed', 'shutdown', 'ensure_process_group', 'world_size', 'rank',
            'barrier', 'model_device', 'pin_memory', 'worker_start_method', 'peak_memory', 'print0', 'setup_logging',
            'recomputation', 'recomputing']
@@ -54,18 +55,18 @@ def default_device() -> torch.device:
     "The GPU if there is one, else the CPU."
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-def use_shape_stable_attention(device: torch.device):
-    """Leave SDPA's cuDNN backend out on a GPU: it builds an execution plan for every new shape (60-190 ms each on an
-    H100; research/2026-12-06-sdpa-shapes), and our shapes change all the time (token-budget batches, a KV cache one
-    token longer at every decoding step). Flash and memory-efficient attention take the same calls at no such cost.
-    R1_CUDNN_ATTENTION=1 keeps cuDNN (for measuring the difference)."""
-    if device.type == "cuda" and os.environ.get("R1_CUDNN_ATTENTION") != "1":
-        torch.backends.cuda.enable_cudnn_sdp(False)
+def varying_shape_attention():
+    """The context for attention whose shapes change from call to call (the decoder over token-budget batches, and
+    decoding, where the cache grows a token a step): SDPA's cuDNN backend left out, since it builds an execution plan
+    for every new shape (60-190 ms each on an H100, 100-1,000x the attention: research/2026-12-06-sdpa-shapes) and
+    flash or memory-efficient attention take the same calls at no such cost. Elsewhere cuDNN stays: where shapes
+    repeat it is the fastest backend. R1_CUDNN_ATTENTION=1 keeps it here too (for measuring the difference)."""
+    if os.environ.get("R1_CUDNN_ATTENTION") == "1": return nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 def local_runtime(precision: str = "auto") -> Runtime:
     "A one-process Runtime on the default device."
     device = default_device()
-    use_shape_stable_attention(device)
     return Runtime(device, precision=resolve_precision(precision, device))
 
 # %% ../nbs/00_runtime.ipynb #d9e4fc61
@@ -92,7 +93,6 @@ def init_distributed(precision: str = "auto", timeout_minutes: float = 30) -> Ru
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", 0))
     device, backend = process_device(local)
-    use_shape_stable_attention(device)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from r1_scratch.config import apply_overrides, get_preset, with_data_root
 from r1_scratch.data import build_loader
@@ -155,19 +156,21 @@ def test_forward_finds_the_real_tokens_once_and_lm_loss_reads_nothing(setup):
     assert all(torch.is_tensor(v) for v in metrics.values())
 
 
-def test_attention_leaves_cudnn_out_on_a_gpu_unless_asked(monkeypatch):
-    "cuDNN attention plans every new shape (research/2026-12-06-sdpa-shapes): a GPU runtime turns it off."
-    from r1_scratch.runtime import use_shape_stable_attention
-    before = torch.backends.cuda.cudnn_sdp_enabled()
-    try:
-        torch.backends.cuda.enable_cudnn_sdp(True)
-        use_shape_stable_attention(torch.device("cpu"))
-        assert torch.backends.cuda.cudnn_sdp_enabled()              # the CPU has no cuDNN attention to leave out
-        monkeypatch.setenv("R1_CUDNN_ATTENTION", "1")
-        use_shape_stable_attention(torch.device("cuda"))
-        assert torch.backends.cuda.cudnn_sdp_enabled()              # kept for measuring the difference
-        monkeypatch.delenv("R1_CUDNN_ATTENTION")
-        use_shape_stable_attention(torch.device("cuda"))
-        assert not torch.backends.cuda.cudnn_sdp_enabled()
-    finally:
-        torch.backends.cuda.enable_cudnn_sdp(before)
+@pytest.mark.parametrize("attention", ["mha", "mla"])
+def test_the_decoder_leaves_cudnn_attention_out_and_the_encoders_keep_it(setup, monkeypatch, attention):
+    "cuDNN attention plans every new shape (research/2026-12-06-sdpa-shapes): only the decoder's shapes vary."
+    import r1_scratch.layers, r1_scratch.mla
+    cfg, _, batch = setup
+    model = R1Model(apply_overrides(cfg, [f"model.attention={attention}"]).model).eval()
+    seen, sdpa = [], F.scaled_dot_product_attention
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+    for module in (r1_scratch.layers, r1_scratch.mla): monkeypatch.setattr(module.F, "scaled_dot_product_attention", spy)
+    with torch.no_grad(): model(batch)
+    decoder_calls = cfg.model.n_layers
+    assert len(seen) > decoder_calls and not any(seen[-decoder_calls:]) and all(seen[:-decoder_calls])
+    seen.clear()
+    monkeypatch.setenv("R1_CUDNN_ATTENTION", "1")               # kept everywhere, for measuring the difference
+    with torch.no_grad(): model(batch)
+    assert all(seen)
