@@ -12,8 +12,8 @@ FSDP2 at world size 1 (bf16 compute weights over fp32 master weights), `+ckpt` a
 after `@`, comma-separated: `fsdp+compile@model.expert_families=false` is that arm on identical SwiGLU experts.
 The plain decoder is built from 03_layers' `TransformerBlock` (pre-norm, causal SDPA, SwiGLU of the experts'
 active width) with a tied LM head and fused AdamW, on as many tokens per step as our step averages; it runs eager
-and under torch.compile. MFU counts model FLOPs (r1_scratch.model.model_flops for ours, the same formula for the
-plain decoder) against the H200's 989 TFLOP/s dense bf16 peak.
+and under torch.compile. MFU counts model FLOPs (each stage's own count for ours: model_flops for stage 3, the
+same formula for the plain decoder) against the H200's 989 TFLOP/s dense bf16 peak.
 """
 import argparse
 import itertools

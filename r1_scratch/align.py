@@ -23,7 +23,7 @@ from .trainer import Stage, stage_from_config, to_device
 __all__ = ['LABEL_KEY', 'MAX_LOGIT_SCALE', 'caption_hash', 'caption_keys', 'contrastive_loss', 'uniformity', 'gather_rows',
            'WordSwaps', 'mid_sentence_token', 'word_swaps', 'swap_one_word', 'align_objective', 'count_pairs',
            'prefers_own_caption', 'global_hard_negatives', 'align_loss', 'embed_split', 'recall_at',
-           'retrieval_metrics', 'config_swaps', 'align_evaluate', 'align_flops', 'align_tokens', 'align_stage']
+           'retrieval_metrics', 'config_swaps', 'align_evaluate', 'align_tokens', 'align_stage']
 
 # %% ../nbs/14_stage2_align.ipynb #05b8f002
 def caption_hash(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -237,11 +237,6 @@ def align_evaluate(model, cfg: Config, sources=("scenes", "digits", "speech"), s
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 # %% ../nbs/14_stage2_align.ipynb #263fb039
-def align_flops(model, batch: dict) -> float:
-    """Training FLOPs of a stage-2 batch: the three encoders on their tokens (the hard negatives' second pass through
-    the text encoder is left out: a lower bound)."""
-    return encoder_flops(model, batch)
-
 def align_tokens(model, batch: dict) -> int:
     "Tokens the encoders read in a stage-2 batch: caption tokens, image patches and audio frames."
     return sum(encoder_tokens(model, batch).values())
@@ -258,6 +253,7 @@ def align_stage(cfg: Config, name: str = "align", **overrides) -> Stage:
     parts = dict(loader=build_loader(cfg, "train", mixture, batch_size=st.batch_size, max_tokens=st.max_tokens),
                  count=count_pairs, evaluate=partial(align_evaluate, cfg=cfg, sources=list(mixture), swaps=swaps),
                  loss=partial(align_loss, temperature=temperature, uniformity_weight=o.uniformity,
-                              swaps=swaps if o.hard_negatives else None), flops=align_flops, tokens=align_tokens)
+                              swaps=swaps if o.hard_negatives else None),
+                 flops=encoder_flops, tokens=align_tokens)  # the three encoders (not the hard negatives' second pass)
     encoders = ["encoders"] + (["heads.logit_scale"] if o.learnable_temperature else [])  # unless the stage says
     return stage_from_config(cfg, name, default_trainable=encoders, **{**parts, **overrides})

@@ -18,9 +18,9 @@ from .runtime import model_device
 from .trainer import Stage, stage_from_config, to_device
 
 # %% auto #0
-__all__ = ['batch_modality', 'special_ids', 'text_losses', 'patchify', 'random_mask', 'image_loss', 'span_mask', 'audio_loss',
-           'uncertainty_weighted', 'pretrain_objective', 'pretrain_loss', 'one_per_batch', 'pretrain_evaluate',
-           'pretrain_options', 'pretrain_work', 'pretrain_stage']
+__all__ = ['ENCODER_OF', 'batch_modality', 'special_ids', 'text_losses', 'patchify', 'random_mask', 'image_loss', 'span_mask',
+           'audio_loss', 'uncertainty_weighted', 'pretrain_objective', 'pretrain_loss', 'one_per_batch',
+           'pretrain_evaluate', 'pretrain_options', 'pretrain_flops', 'pretrain_tokens', 'pretrain_stage']
 
 # %% ../nbs/13_stage1_pretrain.ipynb #e78e7577
 def batch_modality(batch: dict) -> str:
@@ -142,16 +142,20 @@ def pretrain_options(st: StageConfig | None) -> dict:
     o = st.options if st else PretrainOptions()
     return dict(masking=o.masking, image_mask=o.image_mask, audio_mask=o.audio_mask, weighting=o.weighting)
 
-def pretrain_work(model, batch: dict, masking: float = 0.15) -> dict:
-    """Training FLOPs and tokens of a one-modality stage-1 batch: the decoder's causal LM (plus the text encoder's
-    masked LM unless `masking` is 0) on text, the vision encoder on images, the audio encoder on clips."""
+ENCODER_OF = {"image": "vision", "audio": "audio"}  # a one-modality batch's kind -> the encoder stage 1 trains on it
+
+def pretrain_flops(model, batch: dict, masking: float = 0.15) -> float:
+    """Training FLOPs of a one-modality stage-1 batch: the decoder's causal LM (plus the text encoder's masked LM
+    unless `masking` is 0) on text, the vision encoder on images, the audio encoder on clips."""
     kind = batch_modality(batch)
-    if kind == "text":
-        flops, tokens = model_flops(model, batch), count_tokens(model, batch)
-        if masking: flops += encoder_flops(model, batch, ("text",))
-        return dict(flops=flops, tokens=tokens)
-    part = "vision" if kind == "image" else "audio"
-    return dict(flops=encoder_flops(model, batch, (part,)), tokens=encoder_tokens(model, batch, (part,))[part])
+    if kind != "text": return encoder_flops(model, batch, (ENCODER_OF[kind],))
+    return model_flops(model, batch) + (encoder_flops(model, batch, ("text",)) if masking else 0)
+
+def pretrain_tokens(model, batch: dict) -> int:
+    "Tokens of a one-modality stage-1 batch: the decoder's on text, the patches or frames its encoder reads otherwise."
+    kind = batch_modality(batch)
+    if kind == "text": return count_tokens(model, batch)
+    return encoder_tokens(model, batch, (ENCODER_OF[kind],))[ENCODER_OF[kind]]
 
 def pretrain_stage(cfg: Config, name: str = "pretrain", **overrides) -> Stage:
     "Stage 1 on the config's `stages.<name>`: one modality per batch, four self-supervised losses."
@@ -163,8 +167,6 @@ def pretrain_stage(cfg: Config, name: str = "pretrain", **overrides) -> Stage:
                           one_source_per_batch=True)
     evaluate = partial(pretrain_evaluate, cfg=cfg, sources=list(mixture), tok=tok, options=options,
                        max_batches=st.options.eval_batches)
-    work = partial(pretrain_work, masking=options["masking"])
     parts = dict(loader=loader, loss=partial(pretrain_loss, tok=tok, **options), count=one_per_batch, evaluate=evaluate,
-                 flops=lambda model, batch: work(model, batch)["flops"],  # for MFU and tokens/s, as stage 3 has
-                 tokens=lambda model, batch: work(model, batch)["tokens"])
+                 flops=partial(pretrain_flops, masking=options["masking"]), tokens=pretrain_tokens)  # MFU, tokens/s
     return stage_from_config(cfg, name, **{**parts, **overrides})

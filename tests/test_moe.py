@@ -286,7 +286,6 @@ def test_grouped_gemm_fast_path_equals_the_fallback_in_bf16(monkeypatch, familie
         assert (fast_value - fallback_value).abs().max() <= 0.01 * fallback_value.abs().max()
 
 
-
 def test_the_grouped_gemm_capability_check_traces_inside_a_compiled_block(monkeypatch):
     "compile_blocks traces grouped_matmul: its capability check must be a constant dynamo can fold, on every GPU."
     from r1_scratch import moe
