@@ -95,9 +95,10 @@ def select_rows(batch: dict, rows: list[int]) -> dict:
 
 @torch.no_grad()
 def answer_accuracy(model, cfg: Config, source: str, task: str | None = None, max_samples: int = 64,
-                    batch_size: int = 32, examples: int = 3) -> dict:
+                    batch_size: int = 32, examples: int = 3, per_question: bool = False) -> dict:
     """Greedy answers to the validation questions of `task` (default: `source`) read from `source`: accuracy, blind bar,
-    examples."""
+    examples; with `per_question`, also `correct`, one '1' or '0' per question in the loader's (fixed) order, so two
+    models' answers to the same questions can be compared pair by pair."""
     tok, task = TextTokenizer.from_file(cfg.data.tokenizer), task or source
     device, was_training = model_device(model), model.training
     model.eval()
@@ -115,9 +116,10 @@ def answer_accuracy(model, cfg: Config, source: str, task: str | None = None, ma
         if len(rows) >= max_samples: break
     model.train(was_training)
     correct = [is_correct(r["task"], r["output"], r["answer"]) for r in rows]
-    return dict(accuracy=round(sum(correct) / max(len(rows), 1), 4), samples=len(rows),
-                blind=round(blind_accuracy([r["question"] for r in rows], [r["answer"] for r in rows]), 4),
-                by_kind=accuracy_by_kind(rows, correct), examples=rows[:examples])
+    out = dict(accuracy=round(sum(correct) / max(len(rows), 1), 4), samples=len(rows),
+               blind=round(blind_accuracy([r["question"] for r in rows], [r["answer"] for r in rows]), 4),
+               by_kind=accuracy_by_kind(rows, correct), examples=rows[:examples])
+    return out | ({"correct": "".join("1" if c else "0" for c in correct)} if per_question else {})
 
 # %% ../nbs/15_stage3_sft.ipynb #c74011da
 def sft_evaluate(model, cfg: Config, name: str = "sft", max_samples: int = 64) -> dict:

@@ -93,3 +93,47 @@ def test_bad_input_is_named(cfg, tmp_path):
         load_compressed(tmp_path / "empty")
     with pytest.raises(ValueError, match="at least top_k"):
         prune_experts(fresh(cfg), [[0]] * len(moe_layers(fresh(cfg))))
+
+
+def compress_bench():
+    "bench/compress.py as a module (a script, not part of the package)."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("compress_bench", ROOT / "bench" / "compress.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rows_with(vqa: float, samples: int, size: float = 25.0) -> list[dict]:
+    fp32 = dict(recipe="fp32", disk_mb=100.0, vqa_accuracy=0.80, vqa_samples=samples, lm_loss=2.0)
+    int8 = dict(recipe="int8_weight", disk_mb=size, vqa_accuracy=vqa, vqa_samples=samples, lm_loss=2.0)
+    return compress_bench().with_shares([fp32, int8])
+
+
+def test_the_goals_weigh_an_accuracy_by_the_questions_it_rests_on():
+    bench = compress_bench()
+    # one question of 60 below fp32 (0.80 -> 0.783): under the 99% bar, but far inside the noise of 60 questions
+    one_question = bench.goals(rows_with(0.80 - 1 / 60, 60))["int8_weight"]
+    assert one_question["met"] is False and one_question["verdict"] == "within noise"
+    assert one_question["short"]["vqa_accuracy"]["standard_error"] == pytest.approx(0.0736, abs=1e-3)
+    # three questions of 60 (0.80 -> 0.75) are still noise; the same drop on 6,000 questions is a real shortfall
+    assert bench.goals(rows_with(0.75, 60))["int8_weight"]["verdict"] == "within noise"
+    assert bench.goals(rows_with(0.75, 6000))["int8_weight"]["verdict"] == "missed"
+    # a tie is met; a size over 30% misses whatever the metrics
+    assert bench.goals(rows_with(0.80, 60))["int8_weight"]["verdict"] == "met"
+    assert bench.goals(rows_with(0.80, 60, size=31.0))["int8_weight"]["verdict"] == "missed"
+
+
+def test_answers_to_the_same_questions_are_compared_pair_by_pair():
+    bench = compress_bench()
+    right = "1" * 480 + "0" * 120                   # fp32: 0.80 of 600 fresh questions
+    fewer = "0" * 12 + "1" * 468 + "0" * 120        # int8 loses 12 of fp32's right answers and changes no other
+    rows = rows_with(0.78, 600)
+    rows[0]["vqa_correct"], rows[1]["vqa_correct"] = right, fewer
+    judged = bench.goals(rows)["int8_weight"]
+    # independent samples of 600 could not tell 0.78 from the bar (0.792): standard error 0.023; paired, it is 0.0057
+    assert judged["short"]["vqa_accuracy"]["standard_error"] == pytest.approx(0.0057, abs=2e-4)
+    assert judged["verdict"] == "missed"
+    rows[1]["vqa_correct"] = "0" * 6 + "1" * 474 + "0" * 120   # 6 lost: 0.79, under the bar by 0.002, within noise
+    rows[1]["vqa_accuracy"] = 0.79
+    assert bench.goals(rows)["int8_weight"]["verdict"] == "within noise"
